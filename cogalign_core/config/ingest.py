@@ -1,0 +1,24 @@
+"""Parameters of the ingest stages."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class IngestParams(BaseModel):
+    """Raw-file validation, decoding and near-duplicate grouping."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_side: int = Field(32, ge=1, description="Images with a side below this many pixels are quarantined (too_small).")
+    max_pixels: int = Field(
+        50_000_000, ge=1,
+        description="Images declaring more pixels than this are quarantined before decoding (too_many_pixels): "
+        "the decompression-bomb guard.")
+    mask_threshold: int = Field(
+        127, ge=0, le=254,
+        description="Non-binary masks are binarised as value > threshold; the threshold is recorded per mask.")
+    phash_max_distance: int = Field(
+        6, ge=0, le=64,
+        description="Hamming distance on the 64-bit perceptual hash at or under which two images are near-duplicates "
+        "(grouped into one split group).")
+    workers: int = Field(0, ge=0, description="Decode processes; 0 = one per CPU core.")

@@ -1,0 +1,1 @@
+"""Prefect tasks, one per DVC stage (installed as ``cogalign.tasks``)."""
