@@ -38,7 +38,8 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "ingest_batch": StageSpec("cogalign_core.ingest:run_batch_stage", ("cogalign_core.ingest", "cogalign_core.imaging")),
+    "ingest_batch": StageSpec("cogalign_core.ingest:run_batch_stage",
+                              ("cogalign_core.ingest", "cogalign_core.imaging")),
     "ingest": StageSpec("cogalign_core.ingest:run_merge_stage", ("cogalign_core.ingest", "cogalign_core.imaging")),
     "annotate": StageSpec("cogalign_core.annotate:run_stage", ("cogalign_core.annotate",)),
     "masks": StageSpec("cogalign_core.masks:run_stage", ("cogalign_core.masks", "cogalign_core.segmenters"), gpus=1),

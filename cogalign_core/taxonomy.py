@@ -59,7 +59,7 @@ MASK_MORPHOLOGY_TERMS: tuple[str, ...] = (
     "multiple lesions",
 )
 SESSILE_OR_FLAT = "sessile or flat lesion"
-MORPHOLOGY_TERMS: tuple[str, ...] = MASK_MORPHOLOGY_TERMS + (SESSILE_OR_FLAT,) + PARIS_TERMS + (NOT_ASSESSABLE,)
+MORPHOLOGY_TERMS: tuple[str, ...] = (*MASK_MORPHOLOGY_TERMS, SESSILE_OR_FLAT, *PARIS_TERMS, NOT_ASSESSABLE)
 
 MICROVASCULAR_TERMS: tuple[str, ...] = (
     "nice 1",

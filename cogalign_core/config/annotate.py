@@ -9,7 +9,9 @@ class SplitParams(BaseModel):
     """Group-aware, hash-based split assignment."""
 
     model_config = ConfigDict(extra="forbid")
-    salt: str = Field("cogalign-split-v1", description="Salt of the group-key hash that assigns splits; changing it reshuffles every split.")
+    salt: str = Field(
+        "cogalign-split-v1",
+        description="Salt of the group-key hash that assigns splits; changing it reshuffles every split.")
     train: float = Field(0.7, ge=0, le=1, description="Fraction of groups (per diagnosis stratum) in train.")
     val: float = Field(0.1, ge=0, le=1, description="Fraction of groups (per diagnosis stratum) in val.")
     test: float = Field(0.2, ge=0, le=1, description="Fraction of groups (per diagnosis stratum) in test.")
