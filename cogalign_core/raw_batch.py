@@ -1,0 +1,300 @@
+"""Raw batch registration: copy a source tree into the workspace's patient-data zone, unchanged.
+
+``register_batch`` walks SOURCE without following symbolic links, copies every regular file to
+``<raw_root>/<batch_id>/files/<relative path>`` and writes ``<raw_root>/<batch_id>/batch.json``
+describing the layout and everything that was *not* copied (symlinks, unreadable entries), so
+the ingest stage can count them. No file is decoded here and nothing is filtered: judging files
+is the ingest stage's job, where every verdict is recorded. DVC tracking is the CLI's business.
+
+Layouts (``detect_layout``):
+
+- ``seg``: ``images/`` + ``masks/`` (masks matched by file stem), optional ``bboxes.json``
+  (Kvasir-SEG format) and ``metadata.csv`` (stem column ``id``/``frame``/``image``; optional
+  ``sequence``/``patient``, ``kvasir_sessile``, ``near_duplicate_group``).
+- ``classes``: ``<label>/<image>`` (every file under a label folder is an item of that label).
+- ``manifest``: a CSV (only when asked) with a path column and optional label/mask/bbox/group
+  columns; paths are relative to the CSV's folder, which is the batch root.
+- ``collection``: a root whose sub-folders are each a ``seg`` or ``classes`` dataset (the bundled
+  sample), registered as one batch with one dataset entry per sub-folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+from cogalign_core import taxonomy
+from cogalign_core.io import atomic_dir, atomic_write_json
+
+LAYOUTS: tuple[str, ...] = ("seg", "classes", "manifest", "collection")
+ROLES: tuple[str, ...] = ("train", "test")
+BATCH_FILE = "batch.json"
+FILES_DIR = "files"
+BATCH_FORMAT_VERSION = 1
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",
+                            ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".tga", ".dib"})
+MANIFEST_NAMES: tuple[str, ...] = ("manifest.csv",)
+_BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_AUTO_ID = re.compile(r"^b(\d{4,})$")
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    """Non-hidden real (not symlinked) sub-directories, sorted (``__pycache__`` and the like skipped)."""
+    out = []
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return []
+    for e in entries:
+        if not e.name.startswith((".", "__")) and e.is_dir(follow_symlinks=False):
+            out.append(Path(e.path))
+    return sorted(out)
+
+
+def _has_image_files(path: Path) -> bool:
+    """True when ``path`` directly holds a file with an image suffix (suffix only; no decoding)."""
+    try:
+        return any(e.is_file(follow_symlinks=False) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                   for e in os.scandir(path))
+    except OSError:
+        return False
+
+
+def _is_seg(path: Path) -> bool:
+    return (path / "images").is_dir() and (path / "masks").is_dir()
+
+
+def _is_classes(path: Path) -> bool:
+    subs = _visible_dirs(path)
+    return bool(subs) and not _is_seg(path) and any(_has_image_files(d) for d in subs) \
+        and not any(_is_seg(d) for d in subs)
+
+
+def _is_collection(path: Path) -> bool:
+    subs = _visible_dirs(path)
+    return bool(subs) and all(_is_seg(d) or _is_classes(d) for d in subs)
+
+
+_LAYOUT_CHECKS = {"seg": _is_seg, "classes": _is_classes, "collection": _is_collection}
+_LAYOUT_HELP = {
+    "seg": "needs images/ and masks/ sub-folders",
+    "classes": "needs <label>/ sub-folders holding images, and no images/+masks/ datasets",
+    "collection": "every non-hidden sub-folder must be a seg or classes dataset",
+}
+
+
+def detect_layout(source: str | os.PathLike[str]) -> str:
+    """Resolve the ``auto`` layout of a source folder: ``seg``, ``classes`` or ``collection``.
+
+    Precedence: ``images/``+``masks/`` -> seg; label folders holding images -> classes; sub-folders
+    that are each seg/classes datasets -> collection. ``manifest`` is never guessed (dataset
+    folders often carry a provenance CSV that is not a manifest).
+
+    Raises:
+        ValueError: the folder matches no layout (the message says what was found).
+    """
+    src = Path(source)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        raise ValueError(f"{src} is a CSV file: pass --layout manifest to register it as a manifest")
+    if not src.is_dir():
+        raise ValueError(f"{src} is not a directory")
+    if _is_seg(src):
+        return "seg"
+    if _is_classes(src):
+        return "classes"
+    if _is_collection(src):
+        return "collection"
+    subs = _visible_dirs(src)
+    found = ", ".join(d.name + "/" for d in subs[:8]) or "no sub-folders"
+    if (src / "images").is_dir() and not (src / "masks").is_dir():
+        hint = "images/ without masks/: use a classes layout (<label>/<image>) or a manifest CSV"
+    else:
+        hint = ("expected images/+masks/ (seg), <label>/<image> folders (classes), sub-folders that are "
+                "each such a dataset (collection), or --layout manifest with a CSV")
+    raise ValueError(f"{src}: no recognised layout ({found}); {hint}")
+
+
+def next_batch_id(raw_root: str | os.PathLike[str]) -> str:
+    """The next automatic batch id under ``raw_root``: ``b0001``, ``b0002``, ... (max existing + 1)."""
+    root = Path(raw_root)
+    numbers = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else [])
+               if (m := _AUTO_ID.match(p.name.removesuffix(".dvc")))]
+    return f"b{max(numbers, default=0) + 1:04d}"
+
+
+def _find_manifest(source: Path) -> tuple[Path, Path]:
+    """(root, manifest path) for ``--layout manifest`` given a CSV file or a folder holding one."""
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise ValueError(f"manifest layout: {source} is not a .csv file")
+        return source.parent, source
+    if not source.is_dir():
+        raise ValueError(f"manifest layout: {source} does not exist")
+    for name in MANIFEST_NAMES:
+        if (source / name).is_file():
+            return source, source / name
+    csvs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+    if len(csvs) == 1:
+        return source, csvs[0]
+    listed = ", ".join(p.name for p in csvs) or "none"
+    raise ValueError(f"manifest layout: {source} must hold manifest.csv or exactly one CSV (found: {listed}); "
+                     "or pass the CSV file itself")
+
+
+def _datasets(root: Path, layout: str, dataset: str | None, manifest: Path | None) -> list[dict[str, Any]]:
+    """One entry per dataset in the batch: {path (relative, '' = root), dataset, layout, ...}."""
+    if layout == "collection":
+        entries = []
+        for d in _visible_dirs(root):
+            sub = "seg" if _is_seg(d) else "classes" if _is_classes(d) else None
+            if sub is None:
+                raise ValueError(f"collection: sub-folder {d.name}/ is neither a seg nor a classes dataset")
+            entries.append({"path": d.name, "layout": sub,
+                            "dataset": dataset or taxonomy.dataset_from_name(d.name)})
+        if not entries:
+            raise ValueError(f"collection: {root} has no dataset sub-folders")
+        return entries
+    entry: dict[str, Any] = {"path": "", "layout": layout, "dataset": dataset or taxonomy.dataset_from_name(root.name)}
+    if manifest is not None:
+        entry["manifest"] = manifest.relative_to(root).as_posix()
+    return [entry]
+
+
+def _copy_tree(root: Path, dest: Path) -> dict[str, Any]:
+    """Copy regular files under ``root`` to ``dest`` without following symlinks.
+
+    Returns counts plus ``escapes`` (every symlink: not copied; ``outside_root`` says whether its
+    target resolves outside ``root``) and ``unreadable`` (entries that could not be listed, read,
+    or named in UTF-8, and special files).
+    """
+    files = 0
+    total_bytes = 0
+    escapes: list[dict[str, Any]] = []
+    unreadable: list[dict[str, str]] = []
+    root_resolved = root.resolve()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            unreadable.append({"path": _rel(folder, root), "error": f"cannot list folder: {exc.strerror or exc}"})
+            continue
+        for e in entries:
+            path = Path(e.path)
+            rel = _rel(path, root)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                unreadable.append({"path": rel.encode("utf-8", "backslashreplace").decode(),
+                                   "error": "file name is not valid UTF-8"})
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                unreadable.append({"path": rel, "error": f"stat failed: {exc.strerror or exc}"})
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                outside = not (Path(target) == root_resolved or Path(target).is_relative_to(root_resolved))
+                escapes.append({"path": rel, "outside_root": outside})
+            elif stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            elif stat.S_ISREG(st.st_mode):
+                target_path = dest / rel
+                target_path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(path, target_path, follow_symlinks=False)
+                except OSError as exc:
+                    target_path.unlink(missing_ok=True)
+                    unreadable.append({"path": rel, "error": f"read failed: {exc.strerror or exc}"})
+                    continue
+                files += 1
+                total_bytes += st.st_size
+            else:
+                unreadable.append({"path": rel, "error": "not a regular file (device, socket or FIFO)"})
+    escapes.sort(key=lambda d: d["path"])
+    unreadable.sort(key=lambda d: d["path"])
+    return {"files": files, "bytes": total_bytes, "escapes": escapes, "unreadable": unreadable}
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return "" if rel == "." else rel
+
+
+def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[str], batch_id: str,
+                   layout: str = "auto", role: str = "train", dataset: str | None = None) -> dict[str, Any]:
+    """Copy SOURCE into ``raw_root/batch_id/files/`` and write ``batch.json``; return its content.
+
+    Args:
+        source: a folder (seg/classes/collection/manifest) or, for ``manifest``, the CSV itself
+            (its folder becomes the batch root).
+        raw_root: the workspace's ``data/raw``.
+        batch_id: new batch id (``next_batch_id`` gives the next automatic one); must not exist.
+        layout: ``auto`` | ``seg`` | ``classes`` | ``manifest`` | ``collection``.
+        role: ``train`` or ``test`` (a test batch always lands in the external test split).
+        dataset: dataset id overriding the one derived from folder names (applies to every
+            sub-dataset of a collection).
+
+    The batch directory appears atomically (complete or not at all).
+
+    Raises:
+        ValueError: unknown layout/role, invalid or existing batch id, or a layout that does not
+            fit the source (with the reason).
+    """
+    src = Path(source)
+    if not _BATCH_ID.match(batch_id):
+        raise ValueError(f"invalid batch id {batch_id!r}: letters, digits, '_', '.', '-' (max 64)")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"layout must be auto or one of {LAYOUTS}, got {layout!r}")
+    if not src.exists():
+        raise ValueError(f"source {src} does not exist")
+    manifest: Path | None = None
+    if layout == "manifest":
+        root, manifest = _find_manifest(src)
+    else:
+        root = src
+        if layout == "auto":
+            layout = detect_layout(src)
+        elif not src.is_dir():
+            raise ValueError(f"{src} is not a directory")
+        elif not _LAYOUT_CHECKS[layout](src):
+            raise ValueError(f"{src} does not have the {layout} layout ({_LAYOUT_HELP[layout]})")
+    datasets = _datasets(root, layout, dataset, manifest)
+    final = Path(raw_root) / batch_id
+    if final.exists():
+        raise ValueError(f"batch {batch_id} already exists at {final}: batch ids are immutable")
+    with atomic_dir(final) as tmp:
+        copied = _copy_tree(root, tmp / FILES_DIR)
+        (tmp / FILES_DIR).mkdir(exist_ok=True)
+        record = {
+            "format_version": BATCH_FORMAT_VERSION,
+            "batch_id": batch_id,
+            "layout": layout,
+            "role": role,
+            "source_name": root.resolve().name,
+            "datasets": datasets,
+            "entries": {"files": copied["files"], "bytes": copied["bytes"],
+                        "escapes": len(copied["escapes"]), "unreadable": len(copied["unreadable"])},
+            "escapes": copied["escapes"],
+            "unreadable": copied["unreadable"],
+        }
+        atomic_write_json(tmp / BATCH_FILE, record)
+    return record
+
+
+def read_batch(raw_root: str | os.PathLike[str], batch_id: str) -> dict[str, Any]:
+    """Load ``raw_root/batch_id/batch.json`` (raises FileNotFoundError with the path when absent)."""
+    import json
+
+    path = Path(raw_root) / batch_id / BATCH_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: batch {batch_id} is not registered (cogalign ingest)")
+    return json.loads(path.read_text())
