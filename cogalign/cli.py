@@ -1,11 +1,28 @@
-"""The ``cogalign`` command line."""
+"""The ``cogalign`` command line (typer + rich). Heavy imports (Prefect, DVC) happen inside commands."""
 
 from __future__ import annotations
 
-import typer
+import json
+from pathlib import Path
+from typing import Annotated
 
-app = typer.Typer(help="CogAlign pipeline: ingest -> annotate -> masks -> counterfactuals -> SFT -> RL -> evaluate.",
-                  no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="CogAlign pipeline: ingest -> annotate -> masks -> counterfactual -> SFT -> RL -> evaluate.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+review_app = typer.Typer(help="Clinician review round trip for masks and prompts.", no_args_is_help=True)
+app.add_typer(review_app, name="review")
+console = Console()
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory.")]
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -13,4 +30,114 @@ def version() -> None:
     """Print the package version."""
     from cogalign_core import __version__
 
-    typer.echo(__version__)
+    console.print(__version__)
+
+
+@app.command()
+def init(path: Annotated[Path, typer.Argument(help="New workspace directory.")],
+         sample: Annotated[bool, typer.Option("--sample", help="Register the bundled sample as batch one.")] = False,
+         remote: Annotated[str | None, typer.Option(help="DVC remote (default: <path>/.dvcstore).")] = None) -> None:
+    """Scaffold a pipeline workspace (git, DVC, dvc.yaml, params.yaml, prefect.yaml)."""
+    from cogalign.workspace import WorkspaceError, init_workspace
+
+    try:
+        ws = init_workspace(path, sample=sample, remote=remote)
+    except WorkspaceError as exc:
+        _fail(exc)
+    console.print(f"initialised workspace [bold]{ws.root}[/] with batches {ws.params.batches or '[]'}")
+
+
+@app.command()
+def ingest(source: Annotated[Path, typer.Argument(help="Folder of raw endoscopy images.")],
+           workspace: WorkspaceOpt = Path("."),
+           layout: Annotated[str, typer.Option(help="auto | seg | classes | manifest | collection")] = "auto",
+           role: Annotated[str, typer.Option(help="train | test (test batches are never trained on)")] = "train",
+           dataset: Annotated[str | None, typer.Option(help="Dataset id (default: from the folder name).")] = None
+           ) -> None:
+    """Register SOURCE as a new raw batch (DVC-tracked, never pushed unless configured)."""
+    from cogalign.workspace import Workspace, WorkspaceError, register
+
+    try:
+        batch = register(Workspace.open(workspace), source, layout=layout, role=role, dataset=dataset)
+    except WorkspaceError as exc:
+        _fail(exc)
+    console.print(f"registered raw batch [bold]{batch}[/] ({role}); `cogalign run` processes it")
+
+
+def _parse_overrides(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        if "=" not in v:
+            raise typer.BadParameter(f"-S expects key=value, got {v!r}")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val
+    return out
+
+
+@app.command()
+def run(workspace: WorkspaceOpt = Path("."),
+        until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+        from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and everything after.")] = None,
+        force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False,
+        no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False,
+        wait: Annotated[bool, typer.Option(help="Wait for another run on this workspace instead of refusing.")] = False,
+        set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Parameter override key.path=value.")] = None
+        ) -> None:
+    """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics."""
+    from cogalign.runner import run_pipeline
+    from cogalign.tasks.dvc_stage import StageFailed
+    from cogalign.workspace import WorkspaceError
+
+    try:
+        outcome = run_pipeline(workspace, until=until, from_stage=from_stage, force=force, commit=not no_commit,
+                               wait=wait, overrides=_parse_overrides(set_))
+    except (WorkspaceError, StageFailed) as exc:
+        _fail(exc)
+    if outcome.cleaned:
+        console.print(f"cleaned after an interrupted run: {', '.join(outcome.cleaned)}")
+    if outcome.up_to_date:
+        console.print("[green]up to date[/]: nothing changed since the last run")
+        return
+    table = Table("stage", "status", "seconds", "device")
+    for s in outcome.stages:
+        table.add_row(str(s["stage"]), "ran" if s["ran"] else "up to date", f"{s['seconds']:.1f}", str(s["devices"]))
+    console.print(table)
+    console.print(f"flow run [bold]{outcome.flow_run_id}[/] finished in {outcome.seconds:.0f}s; "
+                  f"revision {outcome.revision or '(not committed)'}")
+
+
+@app.command()
+def status(workspace: WorkspaceOpt = Path(".")) -> None:
+    """Show which stages are stale and why (DVC's view, after refreshing code fingerprints)."""
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        ws = Workspace.open(workspace)
+        changed_code = ws.update_fingerprints()
+        out = json.loads(ws.dvc("status", "--json").stdout or "{}")
+    except WorkspaceError as exc:
+        _fail(exc)
+    if changed_code:
+        console.print(f"code changed for: {', '.join(changed_code)}")
+    if not out:
+        console.print("[green]up to date[/]")
+        return
+    table = Table("stage", "why")
+    for stage, changes in out.items():
+        reasons = []
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, detail in change.items():
+                    reasons.append(f"{kind}: {json.dumps(detail)}")
+            else:
+                reasons.append(str(change))
+        table.add_row(stage, "\n".join(reasons))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ class AnnotateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     clinician_csv: str | None = Field(
-        None,
+        "clinician/labels.csv",
         description="Workspace-relative CSV of clinician labels (sample_id plus any of location, morphology, "
         "microvascular, diagnosis, paris); overrides dataset labels with provenance 'clinician'.")
     split: SplitParams = Field(default_factory=SplitParams, description=SplitParams.__doc__)

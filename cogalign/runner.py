@@ -1,0 +1,143 @@
+"""``cogalign run``: lock the workspace, refresh code fingerprints, ask DVC what is stale, run the
+flow on Prefect (an ephemeral local server unless ``PREFECT_API_URL`` is set), then commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
+from cogalign_core.io import atomic_write_json, remove_stale_temps
+
+LOCK_FILE = STATE_DIR / "run.lock"
+
+
+@dataclass
+class RunOutcome:
+    """What a ``cogalign run`` did."""
+
+    up_to_date: bool
+    flow_run_id: str | None = None
+    revision: str | None = None
+    stages: list[dict[str, object]] = field(default_factory=list)
+    seconds: float = 0.0
+    cleaned: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def workspace_lock(ws: Workspace, wait: bool = False) -> Iterator[None]:
+    """Exclusive lock for one run per workspace (released by the kernel if the process dies)."""
+    path = ws.root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise WorkspaceError(f"another cogalign run ({holder}) is working on {ws.root}; "
+                                 "wait for it or pass --wait") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_prefect_env(ws: Workspace) -> None:
+    """Point Prefect at a per-workspace home with analytics off, unless a server is configured.
+
+    Must run before ``prefect`` is imported: its settings are read at import time.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    os.environ.setdefault("PREFECT_HOME", str(ws.root / STATE_DIR / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+def is_up_to_date(ws: Workspace) -> bool:
+    """True when ``dvc status`` reports no changed stage."""
+    out = ws.dvc("status", "--json")
+    return (json.loads(out.stdout or "{}") or {}) == {}
+
+
+def clean_after_kill(ws: Workspace) -> list[str]:
+    """Remove what a killed run can leave: a stage process group and temp files under data/."""
+    from cogalign.tasks.dvc_stage import kill_stale_stage
+
+    cleaned = []
+    pgid = kill_stale_stage(ws.root)
+    if pgid is not None:
+        cleaned.append(f"process group {pgid}")
+    cleaned += [str(p.relative_to(ws.root)) for p in remove_stale_temps(ws.root / "data")]
+    return cleaned
+
+
+def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, from_stage: str | None = None,
+                 force: bool = False, commit: bool = True, wait: bool = False,
+                 overrides: dict[str, str] | None = None) -> RunOutcome:
+    """Run the pipeline once; see :func:`cogalign.flows.pipeline.end_to_end`."""
+    ws = Workspace.open(workspace)
+    if not ws.params.batches:
+        raise WorkspaceError(f"{ws.root} has no raw batch yet: `cogalign ingest SOURCE --workspace {workspace}`")
+    start = time.perf_counter()
+    with workspace_lock(ws, wait=wait):
+        cleaned = clean_after_kill(ws)
+        if overrides:
+            apply_overrides(ws, overrides)
+        ws.update_fingerprints()
+        if not (force or from_stage or until) and is_up_to_date(ws):
+            return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned)
+        prepare_prefect_env(ws)
+        from cogalign.flows.pipeline import end_to_end
+
+        result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
+        run_id = str(result["flow_run_id"])
+        revision = None
+        if commit:
+            revision = ws.commit(f"cogalign run {run_id}\n\nflow-run-id: {run_id}")
+        outcome = RunOutcome(False, run_id, revision or ws.revision(), list(result["stages"]),
+                             time.perf_counter() - start, cleaned)
+        atomic_write_json(ws.root / RUNS_DIR / f"{run_id}.json", {
+            "flow_run_id": run_id, "revision": outcome.revision, "committed": revision is not None,
+            "finished_unix": time.time(), "seconds": round(outcome.seconds, 2), "stages": outcome.stages,
+            "until": until, "from_stage": from_stage, "force": force,
+        })
+        return outcome
+
+
+def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
+    """Apply ``-S key.path=value`` overrides to params.yaml (validated; YAML-typed values)."""
+    import yaml
+
+    from cogalign_core.config import PipelineParams
+
+    data = ws.params.model_dump(mode="json")
+    for key, raw in overrides.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise WorkspaceError(f"-S {key}: {p!r} is not a params section")
+            node = node[p]
+        if parts[-1] not in node:
+            raise WorkspaceError(f"-S {key}: unknown parameter {parts[-1]!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        ws.write_params(PipelineParams.model_validate(data))
+    except ValueError as exc:
+        raise WorkspaceError(f"invalid override: {exc}") from exc

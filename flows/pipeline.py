@@ -1,0 +1,113 @@
+"""The end-to-end flow: every DVC stage as a Prefect task, in the order DVC's own graph gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from cogalign.dag import downstream_closure, pipeline_stages, upstream_closure
+from cogalign.tasks.dvc_stage import dvc_stage
+from cogalign.workspace import Workspace
+
+
+def select_stages(workspace: Path, until: str | None = None, from_stage: str | None = None) -> list[str]:
+    """Stage names to run: all, or the closure up to ``until`` / down from ``from_stage``."""
+    stages = pipeline_stages(workspace)
+    if until:
+        stages = upstream_closure(stages, until)
+    if from_stage:
+        keep = {s.name for s in downstream_closure(pipeline_stages(workspace), from_stage)}
+        stages = [s for s in stages if s.name in keep]
+    return [s.name for s in stages]
+
+
+@flow(name="cogalign-end-to-end", log_prints=True)
+def end_to_end(workspace: str, until: str | None = None, from_stage: str | None = None, force: bool = False,
+               recipe: str | None = None) -> dict[str, object]:
+    """Run the pipeline on ``workspace``; DVC skips every stage whose inputs did not change.
+
+    Args:
+        workspace: workspace directory.
+        until: stop after this stage (and what it needs).
+        from_stage: restart from this stage (it and everything downstream are forced).
+        force: rerun the selected stages even if DVC considers them up to date.
+        recipe: switch ``params.model.recipe`` first (recorded like any params change).
+    """
+    logger = get_run_logger()
+    ws = Workspace.open(workspace)
+    if recipe is not None and ws.params.model.recipe != recipe:
+        params = ws.params
+        params.model.recipe = recipe
+        ws.write_params(params)
+    run_id = str(flow_run.get_id() or "local")
+    log_dir = ws.root / ".cogalign" / "logs" / run_id
+    nodes = {n.name: n for n in pipeline_stages(ws.root)}
+    selected = select_stages(ws.root, until=until, from_stage=from_stage)
+    forced = set(selected) if (force or from_stage) else set()
+    results = []
+    for name in selected:
+        node = nodes[name]
+        result = dvc_stage(str(ws.root), name, node.gpus, str(log_dir), force=name in forced)
+        logger.info("%s: %s in %.1fs on %s", name, "ran" if result["ran"] else "up to date", result["seconds"],
+                    result["devices"])
+        _publish_stage_artifact(ws, name, node.outs, result)
+        if name == "evaluate":
+            _publish_evaluation(ws)
+        results.append(result)
+    return {"flow_run_id": run_id, "stages": results}
+
+
+def _artifact_key(name: str) -> str:
+    return "stage-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], result: dict[str, object]) -> None:
+    """Markdown artifact: what ran, on which device, output hashes (dvc.lock) and the stage's counts."""
+    lock = _lock_entry(ws.root, name)
+    lines = [f"### {name}", "", f"- status: {'ran' if result['ran'] else 'up to date'}",
+             f"- seconds: {result['seconds']}", f"- devices: {result['devices']}", "", "| output | md5 |",
+             "| --- | --- |"]
+    for out in lock.get("outs", []):
+        lines.append(f"| `{out.get('path')}` | `{out.get('md5', '')}` |")
+    for out in outs:
+        summary = ws.root / out / "summary.json" if (ws.root / out).is_dir() else None
+        if summary is None and out.endswith("summary.json"):
+            summary = ws.root / out
+        if summary is not None and summary.exists():
+            lines += ["", "```json", summary.read_text().strip()[:4000], "```"]
+    create_markdown_artifact(key=_artifact_key(name), markdown="\n".join(lines), description=f"stage {name}")
+
+
+def _publish_evaluation(ws: Workspace) -> None:
+    """Metrics table artifact and a link to the HTML report."""
+    metrics_path = ws.root / "data" / "evaluate" / "metrics.json"
+    if not metrics_path.exists():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    rows = []
+    for model, figures in sorted((metrics.get("models") or metrics).items()):
+        if not isinstance(figures, dict):
+            continue
+        for metric, value in sorted(figures.items()):
+            if isinstance(value, dict) and "value" in value:
+                rows.append({"model": model, "metric": metric, "value": value.get("value"),
+                             "ci_low": value.get("ci_low"), "ci_high": value.get("ci_high"), "n": value.get("n")})
+    if rows:
+        create_table_artifact(key="evaluation-metrics", table=rows, description="evaluation metrics (95% CI)")
+    report = ws.root / "data" / "evaluate" / "report.html"
+    create_markdown_artifact(key="evaluation-report",
+                             markdown=f"Evaluation report: [{report}](file://{report})", description="report link")
+
+
+def _lock_entry(root: Path, name: str) -> dict[str, object]:
+    import yaml
+
+    lock_path = root / "dvc.lock"
+    if not lock_path.exists():
+        return {}
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    return (lock.get("stages") or {}).get(name, {})
