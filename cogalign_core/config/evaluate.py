@@ -1,11 +1,59 @@
-"""Parameters of the evaluation stage (placeholder; the evaluation stage owns this module)."""
+"""Parameters of the evaluation stage."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cogalign_core import taxonomy
+
+MODEL_STAGES: tuple[str, ...] = ("base_model", "sft", "rl_no_cf", "rl")
+
+
+def _no_finding_answer() -> dict[str, str]:
+    return {"location": taxonomy.NOT_ASSESSABLE, "morphology": taxonomy.NO_LESION,
+            "microvascular": taxonomy.NOT_ASSESSABLE, "diagnosis": taxonomy.NORMAL}
 
 
 class EvaluateParams(BaseModel):
     """Evaluation of the trained models."""
 
     model_config = ConfigDict(extra="forbid")
+    models: list[str] = Field(
+        default_factory=lambda: ["sft", "rl_no_cf", "rl"],
+        description="Model stages to evaluate, each loaded from data/<stage>/model. Add base_model when it holds "
+        "real pretrained weights (the tiny base model is random and says nothing).")
+    max_samples_per_condition: int = Field(
+        20, ge=1,
+        description="Cap per test section and condition (real lesion, real normal, counterfactual, control, both), "
+        "chosen by a seeded hash of the sample id. Probes reuse the chosen real images.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call.")
+    max_new_tokens: int = Field(64, ge=8, description="Cap on generated tokens per answer (greedy decoding).")
+    bootstrap_resamples: int = Field(1000, ge=10, description="Group-bootstrap resamples for the 95 % intervals.")
+    seed: int = Field(0, description="Seed of sample selection, probe shuffling and the bootstrap.")
+    blank_gray: int = Field(128, ge=0, le=255, description="Grey level of the blank grounding-probe image.")
+    blank_side: int = Field(256, ge=16, description="Side in pixels of the blank probe image before the canvas.")
+    gallery_size: int = Field(6, ge=0, description="Lesion samples shown in the report gallery.")
+    constant_answer: dict[str, str] = Field(
+        default_factory=_no_finding_answer,
+        description="The fixed answer scored as the 'constant answer' baseline beside every metric (one term per "
+        "level). The 'majority class' baseline is the per-level majority of the train split.")
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in MODEL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown model stages {unknown}; expected some of {list(MODEL_STAGES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("evaluate.models lists a stage twice")
+        return v
+
+    @field_validator("constant_answer")
+    @classmethod
+    def _valid_answer(cls, v: dict[str, str]) -> dict[str, str]:
+        if set(v) != set(taxonomy.LEVELS):
+            raise ValueError(f"constant_answer needs exactly the levels {list(taxonomy.LEVELS)}")
+        for level, term in v.items():
+            if not taxonomy.is_term(level, taxonomy.normalise_term(term)):
+                raise ValueError(f"constant_answer: {term!r} is not a {level} term")
+        return {level: taxonomy.normalise_term(v[level]) for level in taxonomy.LEVELS}
