@@ -1,0 +1,178 @@
+"""DVC stage ``sft``: hierarchical clinical-cognition SFT with TRL's ``SFTTrainer``.
+
+Data: the train split's real lesions and real normals in TRL's conversational prompt-completion
+format (system prompt with the reasoning steps, the canvas image, the question -> the tagged
+answer), completion-only loss. Counterfactual normals and controls are left out unless the recipe
+or ``params.model.sft_include_counterfactuals`` adds them, so SFT alone is the paper's baseline.
+Validation loss on (a fixed subset of) the val split.
+
+Outputs in ``data/sft/``: ``model/`` (merged, reloadable with AutoModelForImageTextToText /
+AutoProcessor), ``adapter/`` (LoRA recipes), ``log.csv`` (step, loss, eval_loss, learning_rate,
+grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from cogalign_core.config import PipelineParams
+from cogalign_core.io import atomic_dir, atomic_write_json
+from cogalign_core.provenance import write_provenance
+from cogalign_core.train import base_model, data, infer, modeling
+from cogalign_core.train.recipe import Recipe, load_recipe
+from cogalign_core.train.trainlog import StepLog, write_log_csv
+
+OUT_DIR = Path("data/sft")
+LOG_COLUMNS: tuple[str, ...] = ("loss", "eval_loss", "learning_rate", "grad_norm")
+PARSE_CHECK_SAMPLES = 32
+
+
+def lora_target_regex(recipe: Recipe) -> str:
+    """PEFT ``target_modules`` regex: the recipe's module names, in the language model only when the
+    vision tower is frozen (Qwen-VL vision blocks use other names, but merger MLPs could collide)."""
+    names = "|".join(sorted(recipe.lora.target_modules))
+    scope = r"model\.language_model\..*" if recipe.lora.freeze_vision else r".*"
+    return rf"^{scope}\.({names})$"
+
+
+def lora_config(recipe: Recipe) -> Any:
+    """The recipe's ``peft.LoraConfig``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                      target_modules=lora_target_regex(recipe), task_type="CAUSAL_LM", bias="none")
+
+
+def freeze_vision_tower(model: PreTrainedModel) -> int:
+    """Stop gradients into the vision tower (ViT + mergers); returns the number of frozen parameters."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ".visual." in f".{name}" and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None, do_eval: bool = True
+               ) -> SFTConfig:
+    """TRL ``SFTConfig`` from the recipe (no checkpoints, no external loggers)."""
+    t, s = recipe.train, recipe.sft
+    assert s is not None
+    return SFTConfig(
+        output_dir=str(output_dir), max_steps=max_steps or t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size, per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps,
+        gradient_checkpointing=t.gradient_checkpointing, bf16=t.bf16,
+        dataloader_num_workers=t.dataloader_num_workers, max_length=s.max_length,
+        completion_only_loss=True, eval_strategy="steps" if do_eval else "no", eval_steps=s.eval_steps,
+        save_strategy="no", report_to="none", disable_tqdm=True, packing=False, padding_free=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+    )
+
+
+def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: Any, eval_ds: Any | None,
+                  recipe: Recipe, output_dir: str | Path, max_steps: int | None = None,
+                  callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
+    """An ``SFTTrainer`` for the recipe (LoRA-wrapped when the recipe says so)."""
+    if recipe.lora.freeze_vision and not recipe.lora.enabled:
+        freeze_vision_tower(model)
+    return SFTTrainer(model=model, args=sft_config(recipe, output_dir, max_steps, do_eval=eval_ds is not None),
+                      train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
+                      peft_config=lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
+
+
+def sft_examples(workspace: Path, recipe: Recipe, include_counterfactuals: bool
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(train examples, val examples, counts) for SFT."""
+    spec = base_model.canvas_spec(recipe)
+    annotations = data.load_annotations(workspace)
+    train = data.real_examples(annotations, ["train"], spec, recipe.grounding)
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(train)}
+    if include_counterfactuals:
+        cf, skipped = data.counterfactual_examples(data.load_counterfactuals(workspace), annotations, ["train"],
+                                                   spec, recipe.grounding)
+        train += cf
+        counts["counterfactual_train"] = len(cf)
+        counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
+    assert recipe.sft is not None
+    val_all = data.real_examples(annotations, ["val"], spec, recipe.grounding)
+    val = val_all[:recipe.sft.max_eval_samples]
+    counts.update({"val_rows": len(val_all), "val_used": len(val), "train_by_kind": data.kind_counts(train)})
+    if not train:
+        raise data.DataError("no train examples for SFT (is the train split empty?)")
+    return train, val, counts
+
+
+def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, include_counterfactuals: bool,
+              max_steps: int | None = None) -> dict[str, Any]:
+    """Run SFT from ``base_dir`` and write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
+    train, val, counts = sft_examples(workspace, recipe, include_counterfactuals)
+    spec = base_model.canvas_spec(recipe)
+    train_ds = data.to_dataset(train, workspace, spec)
+    eval_ds = data.to_dataset(val, workspace, spec) if val else None
+    model, processor = modeling.load_model_and_processor(base_dir, recipe.model.dtype,
+                                                         recipe.model.attn_implementation)
+    log = StepLog()
+    with tempfile.TemporaryDirectory(prefix="cogalign-sft-") as tmp:
+        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log])
+        trainer.train()
+        if eval_ds is not None:
+            trainer.evaluate()
+    trained = trainer.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.lora.enabled:
+        with atomic_dir(out_dir / "adapter") as tmp_adapter:
+            trained.save_pretrained(tmp_adapter)
+        trained = trained.merge_and_unload()
+    with atomic_dir(out_dir / "model") as tmp_model:
+        modeling.save_model_and_processor(trained, processor, tmp_model)
+    write_log_csv(out_dir / "log.csv", log, LOG_COLUMNS)
+    check = train[:PARSE_CHECK_SAMPLES]
+    answers = infer.generate_answers(trained, processor, [r["image"] for r in train_ds.select(range(len(check)))],
+                                     recipe.grounding)
+    losses, evals = log.series("loss"), log.series("eval_loss")
+    summary = {
+        **counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
+        "eval_loss_first": evals[0][1] if evals else None, "eval_loss_last": evals[-1][1] if evals else None,
+        "train_parse_rate": infer.parse_rate(answers, recipe.grounding), "train_parse_checked": len(answers),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def effective_recipe(params: PipelineParams) -> tuple[Recipe, bool]:
+    """The SFT recipe and whether counterfactuals are included (params override the recipe)."""
+    recipe = load_recipe(params.model.recipe, "sft")
+    assert recipe.sft is not None
+    include = recipe.sft.include_counterfactuals
+    if params.model.sft_include_counterfactuals is not None:
+        include = params.model.sft_include_counterfactuals
+    return recipe, include
+
+
+def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
+    """DVC stage ``sft``."""
+    del item
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    recipe, include_cf = effective_recipe(params)
+    base_dir = base_model.resolve_base_model_dir(workspace)
+    out = workspace / OUT_DIR
+    summary = train_sft(workspace, recipe, base_dir, out, include_cf, params.model.sft_max_steps)
+    inputs = [data.ANNOTATIONS.as_posix(), base_model.REFERENCE_FILE.as_posix()]
+    if recipe.model.kind == "tiny":
+        inputs.append(base_model.MODEL_DIR.as_posix())
+    if include_cf:
+        inputs.append(data.COUNTERFACTUALS.as_posix())
+    write_provenance(out, "sft", workspace, inputs,
+                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
+                     extra={"steps": summary["steps"]})
