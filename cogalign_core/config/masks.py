@@ -1,11 +1,75 @@
-"""Parameters of the mask stage (placeholder; the mask stage owns this module)."""
+"""Parameters of the mask stage: which segmenter turns prompts into lesion masks, and the QC gates."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SegmenterName = Literal["sam", "box_ellipse", "grabcut", "ground_truth"]
+PromptSegmenterName = Literal["sam", "box_ellipse", "grabcut"]
+
+
+class SamParams(BaseModel):
+    """segment-anything (SAM) settings; only read when `sam` is the segmenter or a QC segmenter."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = Field(
+        None,
+        description="Path (workspace-relative or absolute) of the official SAM checkpoint, e.g. "
+        "sam_vit_b_01ec64.pth. Required when `sam` is used: the stage never runs with random weights.")
+    model_type: Literal["vit_b", "vit_l", "vit_h"] = Field(
+        "vit_b", description="SAM image-encoder size; must match the checkpoint.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Torch device for SAM; `auto` picks cuda when available.")
+    image_batch_size: int = Field(
+        8, ge=1, description="Images encoded together in one forward pass of the SAM image encoder.")
+    multimask: bool = Field(
+        True, description="Ask SAM for its 3 candidate masks per prompt and keep the best-scoring one.")
+
+
+class MaskQcParams(BaseModel):
+    """Gates that send an accepted mask to the review queue (data/masks/review.parquet)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_area_fraction: float = Field(
+        0.0005, ge=0, le=1, description="Masks covering less of the frame than this go to review (mask_too_small).")
+    max_area_fraction: float = Field(
+        0.9, ge=0, le=1, description="Masks covering more of the frame than this go to review (mask_too_large).")
+    max_components: int = Field(
+        5, ge=1, description="Masks with more 8-connected components than this go to review (too_many_components).")
+    min_box_coverage: float = Field(
+        0.2, ge=0, le=1,
+        description="Prompt-derived masks must cover at least this fraction of their prompt boxes' area "
+        "(low_prompt_agreement otherwise).")
+    min_sam_score: float = Field(
+        0.5, ge=0, le=1, description="SAM masks whose predicted IoU is below this go to review (low_sam_score).")
+    min_dice_vs_gt: float = Field(
+        0.5, ge=0, le=1,
+        description="When ground truth exists but is not the accepted mask, a Dice below this sends the "
+        "sample to review (low_dice_vs_gt).")
 
 
 class MaskParams(BaseModel):
     """Lesion mask segmentation and quality control."""
 
     model_config = ConfigDict(extra="forbid")
+    segmenter: PromptSegmenterName = Field(
+        "box_ellipse",
+        description="Segmenter that turns prompts (boxes/points) into the accepted mask where no ground-truth "
+        "or clinician mask exists: sam | box_ellipse | grabcut.")
+    use_ground_truth: bool = Field(
+        True, description="Pass ground-truth masks through as the accepted mask wherever they exist.")
+    qc_segmenters: list[PromptSegmenterName] = Field(
+        default_factory=lambda: ["box_ellipse", "grabcut"],
+        description="Segmenters also run, where ground truth exists, only to measure Dice/IoU vs ground truth "
+        "and vs the box_ellipse baseline (qc.json). The accepted segmenter is always measured.")
+    grabcut_iterations: int = Field(5, ge=1, description="GrabCut iterations per box.")
+    seed: int = Field(0, description="Seed of OpenCV's RNG (cv2.setRNGSeed) before every GrabCut call.")
+    clinician_prompts: str = Field(
+        "data/review/clinician_prompts.parquet",
+        description="Workspace-relative table written by `cogalign review import` (boxes, points, masks with "
+        "provenance clinician); a DVC dependency of the mask stage. Missing file = no clinician prompts.")
+    workers: int = Field(0, ge=0, description="Worker processes for per-image work (0 = all cores).")
+    sam: SamParams = Field(default_factory=SamParams, description=SamParams.__doc__)
+    qc: MaskQcParams = Field(default_factory=MaskQcParams, description=MaskQcParams.__doc__)
