@@ -135,6 +135,94 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
     console.print(table)
 
 
+@app.command()
+def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model directory or sample_id.")],
+            workspace: WorkspaceOpt = Path("."),
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid flowchart.")] = False) -> None:
+    """Which raw images, params and code made TARGET (or what a sample became)."""
+    from cogalign import lineage as lin
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        record = lin.lineage(Workspace.open(workspace), target)
+    except WorkspaceError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(record, indent=2, sort_keys=True, default=str))
+    elif mermaid:
+        typer.echo(lin.to_mermaid(record))
+    else:
+        _print_lineage(record)
+
+
+def _print_lineage(record: dict[str, object]) -> None:
+    console.print(f"[bold]{record['target']}[/] ({record['kind']})  revision {record.get('revision')}  "
+                  f"flow run {record.get('flow_run_id')}")
+    if record["kind"] == "artifact":
+        table = Table("stage", "code", "outputs (md5)")
+        for st in record["chain"]:  # type: ignore[union-attr]
+            table.add_row(st["stage"], str(st["code"]["package_version"]) + " " + st["code"]["sources_sha256"][:10],
+                          "\n".join(f"{o['path']} {str(o['md5'])[:12]}" for o in st["outs"]))
+        console.print(table)
+        console.print(f"raw batches: {', '.join(record['raw_batches']) or '-'}")  # type: ignore[arg-type]
+        for split, files in (record.get("raw_files") or {}).items():  # type: ignore[union-attr]
+            console.print(f"{split}: {len(files)} raw files (use --json for the list)")
+    else:
+        console.print_json(json.dumps(record, default=str))
+
+
+@app.command()
+def compare(rev_a: Annotated[str, typer.Argument(help="Older workspace revision (git).")],
+            rev_b: Annotated[str, typer.Argument(help="Newer workspace revision (git).")],
+            workspace: WorkspaceOpt = Path(".")) -> None:
+    """Metric deltas between two runs with 95% intervals; flags differences outside the noise."""
+    from cogalign.compare import compare_metrics, read_metrics_at
+    from cogalign.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    try:
+        rows = compare_metrics(read_metrics_at(str(ws.root), rev_a), read_metrics_at(str(ws.root), rev_b))
+    except Exception as exc:  # dvc raises many types for a missing file/revision
+        _fail(RuntimeError(f"could not read metrics at {rev_a} / {rev_b}: {exc}"))
+    table = Table("metric", rev_a[:10], rev_b[:10], "delta", "verdict")
+
+    def fmt(v: float | None, ci: tuple[float | None, float | None]) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else "")
+
+    for r in rows:
+        verdict = "[bold yellow]outside noise[/]" if r.outside_noise else "within noise"
+        table.add_row(r.key, fmt(r.old, r.old_ci), fmt(r.new, r.new_ci),
+                      "-" if r.delta is None else f"{r.delta:+.3f}", verdict)
+    console.print(table)
+
+
+@review_app.command("export")
+def review_export(out: Annotated[Path, typer.Argument(help="Task file to write (.csv or .json).")],
+                  workspace: WorkspaceOpt = Path(".")) -> None:
+    """Write the images that need a prompt or failed mask QC as a clinician task file."""
+    from cogalign.workspace import Workspace
+    from cogalign_core import review
+
+    n = review.export_review(Workspace.open(workspace).root, out)
+    console.print(f"wrote {n} review tasks to {out}")
+
+
+@review_app.command("import")
+def review_import(file: Annotated[Path, typer.Argument(help="Completed task file (.csv or .json).")],
+                  workspace: WorkspaceOpt = Path(".")) -> None:
+    """Bring back clinician boxes/points/masks; the next run reruns only those samples."""
+    from cogalign.workspace import Workspace
+    from cogalign_core import review
+
+    ws = Workspace.open(workspace)
+    n = review.import_review(ws.root, file)
+    ws.commit(f"review import: {n} clinician prompts", ["clinician"])
+    console.print(f"imported {n} clinician prompts; `cogalign run` picks them up")
+
+
 def main() -> None:
     app()
 
