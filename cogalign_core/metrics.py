@@ -70,7 +70,7 @@ def score_row(row: Row) -> dict[str, Any]:
     ``None``), ``pred_box`` (canvas-frame tuple or ``None``), ``box_given`` (bool),
     ``correct_<level>`` (``None`` where the gold is missing or ``not assessable``, else whether the
     parsed term equals the gold; an unparseable term is wrong), ``box_iou`` (best IoU of the
-    predicted box against the gold boxes, ``0.0`` when no/invalid box was predicted; ``None`` when
+    predicted box against each gold box and their union box, ``0.0`` when no/invalid box was predicted; ``None`` when
     the prompt did not ask for a box or there is no gold box).
     """
     grounding = bool(row.get("grounding", False))
@@ -85,9 +85,13 @@ def score_row(row: Row) -> dict[str, Any]:
         out[f"correct_{level}"] = None if gold is None or gold == taxonomy.NOT_ASSESSABLE else pred == gold
     out["box_given"] = parsed.box_given
     out["pred_box"] = parsed.box
-    gold_boxes = row.get("gold_boxes") or []
+    gold_boxes = [tuple(g) for g in row.get("gold_boxes") or []]
     if grounding and gold_boxes:
-        out["box_iou"] = max(box_iou(parsed.box, tuple(g)) for g in gold_boxes) if parsed.box else 0.0
+        # Training targets the union box of all lesions; a box around any single lesion is also fair.
+        union = (min(g[0] for g in gold_boxes), min(g[1] for g in gold_boxes),
+                 max(g[2] for g in gold_boxes), max(g[3] for g in gold_boxes))
+        box = parsed.box
+        out["box_iou"] = max(box_iou(box, g) for g in [*gold_boxes, union]) if box else 0.0
     else:
         out["box_iou"] = None
     return out
