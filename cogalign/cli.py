@@ -219,7 +219,7 @@ def review_import(file: Annotated[Path, typer.Argument(help="Completed task file
 
     ws = Workspace.open(workspace)
     n = review.import_review(ws.root, file)
-    ws.commit(f"review import: {n} clinician prompts", ["clinician"])
+    ws.commit(f"review import: {n} clinician prompts", ["data/review"])
     console.print(f"imported {n} clinician prompts; `cogalign run` picks them up")
 
 

@@ -77,7 +77,7 @@ def is_up_to_date(ws: Workspace) -> bool:
 
 def clean_after_kill(ws: Workspace) -> list[str]:
     """Remove what a killed run can leave: a stage process group and temp files under data/."""
-    from cogalign.tasks.dvc_stage import kill_stale_stage
+    from cogalign.processes import kill_stale_stage
 
     cleaned = []
     pgid = kill_stale_stage(ws.root)

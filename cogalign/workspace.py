@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from cogalign_core import raw_batch
+from cogalign_core import raw_batch, review
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params, load_params
 from cogalign_core.io import atomic_write_text
 from cogalign_core.stage import STAGES, fingerprint_text
@@ -158,6 +158,7 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
         params.privacy.salt = salt or secrets.token_hex(32)
         ws.write_params(params)
         atomic_write_text(root / CLINICIAN_LABELS, CLINICIAN_LABELS_HEADER)
+        review.ensure_prompts_file(root)  # clinician prompts: empty until the first review import
         atomic_write_text(root / ".gitignore", GITIGNORE)
         (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
         ws.update_fingerprints()

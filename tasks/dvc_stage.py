@@ -9,7 +9,6 @@ the DVC lock: the next run ends any recorded group before starting.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,9 +21,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cogalign.processes import PID_FILE, die_with_parent
 from cogalign.tasks.gpu import GpuAllocator
 
-PID_FILE = Path(".cogalign/stage.pid")
 # Substrings of a stage's stderr that mark a transient failure worth retrying.
 TRANSIENT_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "Unable to acquire lock", "is locked by",
                      "Resource temporarily unavailable")
@@ -50,31 +49,6 @@ class StageResult:
     log_path: str
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGKILL when the parent dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def kill_stale_stage(workspace: Path) -> int | None:
-    """End a stage process group left by a killed run (from the pid file); return its pgid."""
-    pid_file = workspace / PID_FILE
-    if not pid_file.exists():
-        return None
-    try:
-        pgid = int(json.loads(pid_file.read_text())["pgid"])
-    except (ValueError, KeyError, OSError):
-        pid_file.unlink(missing_ok=True)
-        return None
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-        killed: int | None = pgid
-    except ProcessLookupError:
-        killed = None
-    pid_file.unlink(missing_ok=True)
-    return killed
-
-
 def run_stage_process(workspace: Path, stage: str, devices: str, log_path: Path, env: dict[str, str],
                       force: bool = False) -> bool:
     """Run ``dvc repro --single-item STAGE``; return True when DVC actually ran the command."""
@@ -86,7 +60,7 @@ def run_stage_process(workspace: Path, stage: str, devices: str, log_path: Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         (workspace / PID_FILE).parent.mkdir(parents=True, exist_ok=True)
         (workspace / PID_FILE).write_text(json.dumps({"pgid": proc.pid, "stage": stage}))
         try:
