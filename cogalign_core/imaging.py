@@ -32,7 +32,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
@@ -121,8 +120,38 @@ def rgb_sample_id(image: Image.Image) -> str:
     return "s" + digest.hexdigest()[:16]
 
 
+PHASH_SIZE = 8
+PHASH_IMAGE_SIZE = 32  # imagehash.phash defaults: hash_size=8, highfreq_factor=4
+
+
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    """First ``k`` rows of the unnormalised DCT-II matrix of size ``n`` (scipy.fftpack.dct type 2)."""
+    i = np.arange(n)
+    return 2.0 * np.cos(np.pi * np.arange(k)[:, None] * (2 * i[None, :] + 1) / (2 * n))
+
+
+_DCT8x32 = _dct_rows(PHASH_IMAGE_SIZE, PHASH_SIZE)
+
+
 def phash_hex(image: Image.Image) -> str:
-    """64-bit perceptual hash (``imagehash.phash``, 8x8 DCT bits) as 16 hex characters."""
+    """64-bit perceptual hash as 16 hex characters, bit-identical to ``str(imagehash.phash(image))``.
+
+    Same algorithm as imagehash (grey, Lanczos resize to 32x32, 2-D DCT-II, top-left 8x8 > median,
+    bits row-major, MSB first) but only the 8x8 low-frequency block is computed, by two small
+    matrix products instead of two full FFT-based DCTs (tests check equality with imagehash).
+    """
+    grey = image.convert("L").resize((PHASH_IMAGE_SIZE, PHASH_IMAGE_SIZE), Image.Resampling.LANCZOS)
+    low = _DCT8x32 @ np.asarray(grey, dtype=np.float64) @ _DCT8x32.T
+    flat = np.sort(low.ravel())
+    median = (flat[31] + flat[32]) / 2.0  # what np.median computes for 64 values, without its overhead
+    bits = np.packbits(low.ravel() > median)  # row-major, MSB first: imagehash's bit order
+    return bits.tobytes().hex()
+
+
+def phash_reference(image: Image.Image) -> str:
+    """``str(imagehash.phash(image))``: the reference :func:`phash_hex` is checked against."""
+    import imagehash
+
     return str(imagehash.phash(image))
 
 
@@ -389,27 +418,30 @@ def decode_mask(path: str | os.PathLike[str], size: tuple[int, int], threshold: 
     mode = im.mode
     try:
         if mode in ("1", "L"):
-            arr = np.asarray(im.convert("L"))
+            grey = im if mode == "L" else im.convert("L")
         elif mode.startswith("I") or mode.startswith("F"):
-            arr = _scale_to_uint8(np.asarray(im))
+            grey = Image.fromarray(_scale_to_uint8(np.asarray(im)), "L")
         else:
-            arr = np.asarray(im.convert("RGB")).max(axis=2)
+            grey = Image.fromarray(np.asarray(im.convert("RGB")).max(axis=2), "L")
     except (OSError, ValueError, TypeError, Rejected) as exc:
         raise Rejected("mask_corrupt", f"converting mode {mode}: {exc}") from exc
-    counts = np.bincount(arr.ravel(), minlength=256)
-    levels = np.flatnonzero(counts)
-    nonzero_levels = levels[levels > 0]
+    hist = grey.histogram()  # 256 bins, computed in C
+    nonzero_levels = [v for v in range(1, 256) if hist[v]]
+    total = grey.size[0] * grey.size[1]
     used: int | None
     if len(nonzero_levels) <= 1:
-        used = None
-        binary = arr > 0
+        used, cut = None, 0
     else:
-        used = threshold
-        binary = arr > threshold
-    out = np.where(binary, np.uint8(255), np.uint8(0))
+        used = cut = threshold
+    lesion = sum(hist[cut + 1:])
     stored = None
-    if used is None and mode == "L" and set(levels.tolist()) <= {0, 255} and im.format == "PNG":
-        stored = strip_png_metadata(data, color_type=0)
+    if used is None and mode == "L" and nonzero_levels in ([], [255]) and im.format == "PNG":
+        stored = strip_png_metadata(data, color_type=0)  # already {0,255}: keep the encoded pixels
+        out_image = grey
+    else:
+        lut = [0] * (cut + 1) + [255] * (255 - cut)
+        out_image = grey.point(lut)
     if stored is None:
-        stored = encode_png(Image.fromarray(out, "L"))
-    return DecodedMask(mask=out, stored=stored, threshold=used, area_fraction=float(binary.mean()))
+        stored = encode_png(out_image)
+    out = np.asarray(out_image, dtype=np.uint8)
+    return DecodedMask(mask=out, stored=stored, threshold=used, area_fraction=lesion / total)

@@ -42,7 +42,7 @@ import numpy as np
 from cogalign_core import imaging, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import default_workers, map_items
-from cogalign_core.io import atomic_dir, atomic_write_json, content_addressed_path, sha256_bytes
+from cogalign_core.io import atomic_dir, atomic_write_json, sha256_bytes
 from cogalign_core.privacy import salted_hash
 from cogalign_core.provenance import write_provenance
 from cogalign_core.raw_batch import FILES_DIR, read_batch
@@ -119,16 +119,29 @@ def _quarantine_row(batch_id: str, rel: str, salt: str, kind: str, reason: str, 
 # Worker
 
 
-def _store(out_dir: Path, sub: str, data: bytes, suffix: str) -> tuple[str, str]:
-    """Write ``data`` content-addressed under ``out_dir/sub``; return (path relative to out_dir, sha256)."""
+def _store(out_dir: str, sub: str, data: bytes, suffix: str) -> tuple[str, str]:
+    """Write ``data`` content-addressed as ``out_dir/sub/<h2>/<sha><suffix>``; return (relative path, sha256).
+
+    The whole batch folder is an ``atomic_dir``, so a partial file can never be published and a
+    plain exclusive create suffices (a concurrent writer of the same digest writes the same bytes).
+    Plain ``os`` calls: this runs once per file and pathlib/mkdir overhead rivals the decode.
+    """
     digest = sha256_bytes(data)
-    path = content_addressed_path(out_dir / sub, digest, suffix)
-    if not path.exists():
-        # The whole batch folder is an atomic_dir: a partial file can never be published, so a
-        # plain write suffices; concurrent writers of one digest write identical bytes.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return path.relative_to(out_dir).as_posix(), digest
+    rel = f"{sub}/{digest[:2]}/{digest}{suffix}"
+    path = os.path.join(out_dir, rel)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return rel, digest
+    except FileExistsError:
+        return rel, digest
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return rel, digest
 
 
 def _fit_boxes(task: ItemTask, width: int, height: int) -> tuple[list[dict[str, int]] | None, int]:
@@ -164,7 +177,7 @@ def process_item(settings: DecodeSettings, task: ItemTask) -> dict[str, Any]:
 
 
 def _process_item(settings: DecodeSettings, task: ItemTask) -> dict[str, Any]:
-    out_dir = Path(settings.out_dir)
+    out_dir = settings.out_dir
     try:
         img = imaging.decode_image(task.image_file, settings.max_pixels, settings.min_side)
     except imaging.Rejected as r:
@@ -196,16 +209,13 @@ def _process_item(settings: DecodeSettings, task: ItemTask) -> dict[str, Any]:
 
 
 def _phash(image: Any) -> str:
-    """``imagehash.phash`` of the grey image box-reduced to a short side of 64-127 px.
+    """Perceptual hash of the image box-reduced to a short side of 64-127 px.
 
-    phash's own Lanczos resize from a full frame costs as much as the JPEG decode; a box
-    reduction first keeps the hash within ~1 bit of the unreduced one at a fraction of the cost.
+    The Lanczos resize to 32x32 inside phash costs as much as the JPEG decode on a full frame;
+    a box reduction first keeps the hash within ~1 bit of the unreduced one at a fraction of the cost.
     """
-    grey = image.convert("L")
-    factor = max(1, min(grey.size) // 64)
-    if factor > 1:
-        grey = grey.reduce(factor)
-    return imaging.phash_hex(grey)
+    factor = max(1, min(image.size) // 64)
+    return imaging.phash_hex(image.reduce(factor) if factor > 1 else image)
 
 
 # --------------------------------------------------------------------------------------------
