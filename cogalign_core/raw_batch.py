@@ -69,6 +69,8 @@ def _is_seg(path: Path) -> bool:
 
 
 def _is_classes(path: Path) -> bool:
+    if (path / "images").is_dir() or (path / "masks").is_dir():
+        return False  # half a seg dataset, not a class named "images": refuse rather than guess
     subs = _visible_dirs(path)
     return bool(subs) and not _is_seg(path) and any(_has_image_files(d) for d in subs) \
         and not any(_is_seg(d) for d in subs)
