@@ -303,6 +303,8 @@ def finalize_sample(ann: dict[str, Any], r: SampleMasks, params: MaskParams, out
             reason = _qc_reason(mask, source or "", r, params.qc)
         elif r.clinician_problem is not None:
             reason = (r.clinician_problem.reason, r.clinician_problem.detail)
+        elif r.gt_problem is not None and not r.prompts:
+            reason = (r.gt_problem.reason, r.gt_problem.detail)
         elif params.segmenter in r.errors:
             reason = ("prompt_needs_sam", r.errors[params.segmenter])
         elif not r.prompts:

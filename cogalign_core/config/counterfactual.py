@@ -15,7 +15,7 @@ class FovParams(BaseModel):
         40, ge=0, le=255, description="Pixels whose brightest channel is below this and that connect to the "
         "image edge are the black border (outside the field of view).")
     overlay_band_fraction: float = Field(
-        0.3, ge=0, le=0.5, description="Width of the outer band (fraction of each side) searched for burned-in "
+        0.2, ge=0, le=0.5, description="Width of the outer band (fraction of each side) searched for burned-in "
         "text and overlay graphics.")
     overlay_min_value: int = Field(
         200, ge=0, le=255, description="Overlay/text pixels: at least this bright (HSV value) ...")

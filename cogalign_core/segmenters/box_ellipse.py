@@ -17,9 +17,10 @@ def ellipse_in_box(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np
     h, w = shape
     x0, y0, x1, y1 = box
     canvas = np.zeros((h, w), dtype=np.uint8)
-    # Work in 1/16-pixel fixed point (shift=4) so small boxes keep their exact extent.
+    # 1/16-pixel fixed point (shift=4): centre and semi-axes between the boxes' edge pixel centres,
+    # so the ellipse touches the box's outermost pixels and never leaves it.
     cx2, cy2 = (x0 + x1) * 8, (y0 + y1) * 8
-    ax, ay = max((x1 - x0 + 1) * 8, 8), max((y1 - y0 + 1) * 8, 8)
+    ax, ay = (x1 - x0) * 8, (y1 - y0) * 8
     cv2.ellipse(canvas, (cx2, cy2), (ax, ay), 0, 0, 360, 255, thickness=-1, lineType=cv2.LINE_8, shift=4)
     return canvas > 0
 

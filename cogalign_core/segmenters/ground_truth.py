@@ -14,9 +14,12 @@ class MaskProblem(ValueError):
     """A stored mask that cannot be used; ``reason`` is machine-readable."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(reason, detail)  # both in args, so the exception pickles across worker processes
         self.reason = reason
         self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 def load_mask(path: str | Path, shape: tuple[int, int], kind: str = "gt") -> np.ndarray:

@@ -1,0 +1,392 @@
+"""Counterfactual stage: lesion removed (counterfactual normal), matched control, optional "both" image.
+
+For every accepted lesion mask (``data/masks/masks.parquet``, status ``accepted``):
+
+1. dilate the mask by a margin that grows with lesion size (``margin_fraction`` x equivalent diameter,
+   clipped to [``margin_min_px``, ``margin_max_px``]); the result is the *fill* region;
+2. check the ground-truth mask (when one exists) lies fully inside the fill;
+3. inpaint the fill (:mod:`cogalign_core.inpaint`); pixels outside it are checked bit-identical;
+4. place a *matched control*: the fill's exact shape translated to a position taken from where lesions
+   sit in other images (then seeded jitter around those), fully inside the field of view
+   (:mod:`cogalign_core.fov`), at least ``control_gap_px`` away from the fill, choosing the candidate whose
+   surrounding ring looks most like the lesion's ring (mean CIELAB distance); same inpainter;
+5. optionally a *both* image (lesion removed and control filled) so the count of filled regions does
+   not reveal the label.
+
+Labels: counterfactual normal and both = normal at every level except location (unchanged); microvascular
+stays the parent's; the control keeps the parent's labels. Every derived image inherits the parent's
+split. A sample whose control cannot be placed is written but ``excluded`` with reason
+``no_room_for_control``; bad input (unreadable/empty/oversized/mis-sized mask, lesion on the border,
+ground truth outside the fill) gives an excluded row with its reason, never a crash.
+
+Outputs under ``data/counterfactual/``: ``images/<h2>/<sha>.png``, ``fill_masks/<h2>/<sha>.png``,
+``counterfactuals.parquet`` (:data:`COUNTERFACTUALS`), ``summary.json``, ``provenance.json``.
+Pixel frame of the stored image, origin top-left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from cogalign_core import answer_format, io, tables, taxonomy
+from cogalign_core.config import PipelineParams
+from cogalign_core.config.counterfactual import CounterfactualParams
+from cogalign_core.executor import map_items
+from cogalign_core.fov import dark_border, estimate_fov
+from cogalign_core.inpaint import build_inpainter
+from cogalign_core.provenance import write_provenance
+from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
+
+log = logging.getLogger(__name__)
+
+STAGE = "counterfactual"
+OUT_DIR = Path("data/counterfactual")
+MASKS_PATH = Path("data/masks/masks.parquet")
+ANNOTATIONS_PATH = Path("data/annotate/annotations.parquet")
+TABLE_FILE = "counterfactuals.parquet"
+
+KINDS: tuple[str, ...] = ("counterfactual_normal", "control", "both")
+EXCLUSION_REASONS: tuple[str, ...] = (
+    "image_unreadable", "mask_unreadable", "mask_size_mismatch", "mask_empty", "mask_too_large",
+    "lesion_touches_border", "gt_outside_fill", "no_room_for_control",
+)
+
+COUNTERFACTUALS = pa.schema(
+    [
+        ("sample_id", pa.string()),              # "c" + 16 hex of SHA-256(parent | kind | image sha)
+        ("parent_sample_id", pa.string()),
+        ("dataset", tables.enum()),
+        ("kind", tables.enum()),                 # KINDS
+        ("split", tables.enum()),                # inherited from the parent
+        ("image_path", pa.string()),             # null when excluded before inpainting
+        ("image_sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_sha256", pa.string()),            # the parent's accepted mask (mask id)
+        ("fill_mask_path", pa.string()),         # the region(s) filled in this image, {0,255} PNG
+        ("fill_mask_sha256", pa.string()),
+        ("method", tables.enum()),               # inpainter: telea | ns
+        ("params_json", pa.string()),            # the params used, plus per-image margin/offset
+        ("margin_px", pa.int32()),
+        ("fill_area_fraction", pa.float32()),
+        ("outside_identical", pa.bool_()),       # every pixel outside the fill equals the source
+        ("changed_fraction", pa.float32()),      # share of fill pixels whose value changed
+        ("gt_inside_fill", pa.float32()),        # share of ground-truth pixels inside the fill; null without GT
+        ("fill_mean_l", pa.float32()),           # CIELAB L* (0-255 OpenCV scale) mean/std in the fill ...
+        ("fill_std_l", pa.float32()),
+        ("ring_mean_l", pa.float32()),           # ... and in a ring of ring_px around it (inside the FOV)
+        ("ring_std_l", pa.float32()),
+        ("control_offset_x", pa.int32()),        # translation lesion fill -> control region, px
+        ("control_offset_y", pa.int32()),
+        ("control_match_distance", pa.float32()),  # CIELAB distance of the rings (lesion vs control)
+    ]
+    + [f for level in taxonomy.LEVELS for f in ((level, tables.enum()), (f"{level}_source", tables.enum()))]
+    + [
+        ("answer", pa.string()),
+        ("excluded", pa.bool_()),                # excluded from RL and evaluation
+        ("exclusion_reason", tables.enum()),     # EXCLUSION_REASONS
+    ]
+)
+
+
+@dataclass
+class ParentTask:
+    """One accepted lesion mask to turn into derived images (picklable; paths absolute)."""
+
+    workspace: str
+    sample_id: str
+    dataset: str
+    split: str
+    image_path: str
+    mask_path: str
+    mask_sha256: str
+    gt_mask_path: str | None
+    labels: dict[str, str]
+    sources: dict[str, str]
+    candidates: list[tuple[float, float]]      # lesion centroids of OTHER images, normalised (x, y)
+    params: dict[str, Any]
+
+
+def margin_for(area_px: int, params: CounterfactualParams) -> int:
+    """Dilation margin (px) for a lesion of ``area_px`` pixels: grows with its equivalent diameter."""
+    diameter = 2.0 * math.sqrt(max(area_px, 0) / math.pi)
+    return int(min(max(round(params.margin_fraction * diameter), params.margin_min_px), params.margin_max_px))
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Bool mask grown by an elliptical structuring element of ``radius`` px."""
+    if radius <= 0:
+        return mask.copy()
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(mask.astype(np.uint8), k) > 0
+
+
+def normal_labels(parent: dict[str, str], parent_sources: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels of a lesion-removed image: normal everywhere, location and microvascular kept."""
+    labels = {"location": parent["location"], "morphology": taxonomy.NO_LESION,
+              "microvascular": parent["microvascular"], "diagnosis": taxonomy.NORMAL}
+    sources = {"location": parent_sources["location"], "morphology": "derived_from_mask",
+               "microvascular": parent_sources["microvascular"], "diagnosis": "derived_from_mask"}
+    return labels, sources
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _ring(region: np.ndarray, width: int, fov: np.ndarray) -> np.ndarray:
+    return dilate(region, width) & ~region & fov
+
+
+def _lab_mean(lab: np.ndarray, region: np.ndarray) -> np.ndarray | None:
+    return lab[region].astype(np.float64).mean(axis=0) if region.any() else None
+
+
+def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, candidates: list[tuple[float, float]],
+                  params: CounterfactualParams, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, int, int, float, str] | None:
+    """Find a control region: ``fill`` translated, inside ``fov``, ``control_gap_px`` away from ``fill``.
+
+    First pass (``lesion_prior``): the candidate centroids (lesion positions in other images), then
+    seeded jitter around them, ``control_candidates`` positions in all. Only when none is valid, a
+    second pass (``grid``) tries a seeded sample of the valid positions of a coarse grid over the frame.
+    Among valid positions the one whose surrounding ring best matches the lesion's ring (mean CIELAB
+    distance) wins, ties to the first tried. Returns ``(region, dx, dy, distance, pass)`` or ``None``.
+    """
+    h, w = fill.shape
+    ys, xs = np.nonzero(fill)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    crop = fill[y0:y1 + 1, x0:x1 + 1]
+    ch, cw = crop.shape
+    cx, cy = float(xs.mean()), float(ys.mean())
+    forbidden = dilate(fill, params.control_gap_px) | ~fov
+    lesion_ring = _lab_mean(lab, _ring(fill, params.ring_px, fov))
+
+    def valid(dx: int, dy: int) -> bool:
+        nx0, ny0 = x0 + dx, y0 + dy
+        if nx0 < 0 or ny0 < 0 or nx0 + cw > w or ny0 + ch > h:
+            return False
+        return not (forbidden[ny0:ny0 + ch, nx0:nx0 + cw] & crop).any()
+
+    def best_of(offsets: list[tuple[int, int]]) -> tuple[np.ndarray, int, int, float] | None:
+        best = None
+        for dx, dy in offsets:
+            region = np.zeros_like(fill)
+            region[y0 + dy:y0 + dy + ch, x0 + dx:x0 + dx + cw] = crop
+            ring_mean = _lab_mean(lab, _ring(region, params.ring_px, fov & ~fill))
+            dist = float(np.linalg.norm(ring_mean - lesion_ring)) \
+                if ring_mean is not None and lesion_ring is not None else float("inf")
+            if best is None or dist < best[3]:
+                best = (region, dx, dy, dist)
+        return best
+
+    bases = list(candidates) or [(1.0 - cx / w, 1.0 - cy / h)]  # no other lesions: mirror position
+    positions: list[tuple[float, float]] = list(bases[:params.control_candidates])
+    while len(positions) < params.control_candidates:
+        bx, by = bases[(len(positions) - len(bases)) % len(bases)]
+        jx, jy = rng.normal(0.0, params.control_jitter_fraction, size=2)
+        positions.append((bx + jx, by + jy))
+    offsets = list(dict.fromkeys((round(px * w - cx), round(py * h - cy)) for px, py in positions))
+    found = best_of([o for o in offsets if valid(*o)])
+    if found is not None:
+        return (*found, "lesion_prior")
+    step = max(2, min(h, w) // 32)
+    grid = [(gx - x0, gy - y0) for gy in range(0, h - ch + 1, step) for gx in range(0, w - cw + 1, step)]
+    ok = [o for o in grid if valid(*o)]
+    if not ok:
+        return None
+    pick = sorted(rng.choice(len(ok), size=min(len(ok), params.control_candidates), replace=False))
+    found = best_of([ok[i] for i in pick])
+    return None if found is None else (*found, "grid")
+
+
+def _stats(image: np.ndarray, region: np.ndarray, fov: np.ndarray, ring_px: int) -> dict[str, float | None]:
+    lum = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)[:, :, 0]
+    ring = _ring(region, ring_px, fov)
+
+    def ms(sel: np.ndarray) -> tuple[float | None, float | None]:
+        return (float(lum[sel].mean()), float(lum[sel].std())) if sel.any() else (None, None)
+
+    (fm, fs), (rm, rs) = ms(region), ms(ring)
+    return {"fill_mean_l": fm, "fill_std_l": fs, "ring_mean_l": rm, "ring_std_l": rs}
+
+
+def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
+    """Per-parent worker: derived images written content-addressed; returns their table rows."""
+    params = CounterfactualParams.model_validate(task.params)
+    ws = Path(task.workspace)
+    out_dir = ws / OUT_DIR
+    base = {"parent_sample_id": task.sample_id, "dataset": task.dataset, "split": task.split,
+            "mask_sha256": task.mask_sha256, "method": params.inpainter}
+    nl, ns = normal_labels(task.labels, task.sources)
+
+    def excluded(reason: str, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        row = {**base, **(extra or {}), "kind": "counterfactual_normal", "excluded": True, "exclusion_reason": reason,
+               "params_json": json.dumps(task.params, sort_keys=True)}
+        return [_finish(row, nl, ns)]
+
+    try:
+        with Image.open(task.image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError):
+        return excluded("image_unreadable")
+    h, w = image.shape[:2]
+    base.update(width=w, height=h)
+    try:
+        mask = load_mask(task.mask_path, (h, w), "m")
+    except MaskProblem as e:
+        return excluded(e.reason.removeprefix("m_"))
+    if mask.mean() > params.max_area_fraction:
+        return excluded("mask_too_large")
+    margin = margin_for(int(mask.sum()), params)
+    fill = dilate(mask, margin)
+    fill_fraction = float(fill.mean())
+    if fill_fraction > params.max_area_fraction:
+        return excluded("mask_too_large", {"margin_px": margin, "fill_area_fraction": fill_fraction})
+    border = fill[0].any() or fill[-1].any() or fill[:, 0].any() or fill[:, -1].any() or \
+        (fill & dark_border(image, params.fov.dark_threshold)).any()
+    if params.exclude_border_lesions and border:
+        return excluded("lesion_touches_border", {"margin_px": margin, "fill_area_fraction": fill_fraction})
+    gt_inside = None
+    if task.gt_mask_path:
+        try:
+            gt = load_mask(task.gt_mask_path, (h, w), "gt")
+            gt_inside = float((gt & fill).sum() / gt.sum())
+        except MaskProblem:
+            gt_inside = None  # the mask stage already routed a broken GT to review
+    common = {"margin_px": margin, "gt_inside_fill": gt_inside}
+    if params.require_gt_inside and gt_inside is not None and gt_inside < 1.0:
+        return excluded("gt_outside_fill", {**common, "fill_area_fraction": fill_fraction})
+
+    inpainter = build_inpainter(params.inpainter, params.inpaint_radius)
+    fov = estimate_fov(image, params.fov)
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    rng = np.random.default_rng([params.seed, int(io.sha256_bytes(task.sample_id.encode())[:12], 16)])
+    control = place_control(fill, fov, lab, task.candidates, params, rng) if params.make_control else None
+    per_image: dict[str, Any] = {"margin_px": margin}
+    reason = "no_room_for_control" if params.make_control and control is None else None
+
+    def derive(kind: str, region: np.ndarray, labels: dict[str, str], sources: dict[str, str],
+               extra: dict[str, Any]) -> dict[str, Any]:
+        out = inpainter.inpaint(image, region)
+        changed = np.any(out != image, axis=2)
+        img_path, img_sha = io.store_content_addressed(out_dir / "images", _png(out), ".png")
+        fm_path, fm_sha = io.store_content_addressed(out_dir / "fill_masks", _png(region.astype(np.uint8) * 255),
+                                                     ".png")
+        row = {**base, **common, **extra, "kind": kind,
+               "image_path": img_path.relative_to(ws).as_posix(), "image_sha256": img_sha,
+               "fill_mask_path": fm_path.relative_to(ws).as_posix(), "fill_mask_sha256": fm_sha,
+               "fill_area_fraction": float(region.mean()),
+               "outside_identical": bool(np.array_equal(out[~region], image[~region])),
+               "changed_fraction": float(changed[region].mean()) if region.any() else 0.0,
+               "params_json": json.dumps({**task.params, **per_image, **extra_params(extra)}, sort_keys=True),
+               "excluded": reason is not None, "exclusion_reason": reason,
+               **_stats(out, region, fov | region, params.ring_px)}
+        return _finish(row, labels, sources)
+
+    rows = [derive("counterfactual_normal", fill, nl, ns, {})]
+    if control is not None:
+        region, dx, dy, dist, placement = control
+        per_image["control_placement"] = placement
+        cextra = {"control_offset_x": dx, "control_offset_y": dy,
+                  "control_match_distance": dist if math.isfinite(dist) else None}
+        rows.append(derive("control", region, task.labels, task.sources, cextra))
+        if params.make_both:
+            rows.append(derive("both", fill | region, nl, ns, cextra))
+    return rows
+
+
+def extra_params(extra: dict[str, Any]) -> dict[str, Any]:
+    """Per-image placement facts recorded in ``params_json`` (offsets only; distances are QC)."""
+    return {k: v for k, v in extra.items() if k in ("control_offset_x", "control_offset_y")}
+
+
+def _finish(row: dict[str, Any], labels: dict[str, str], sources: dict[str, str]) -> dict[str, Any]:
+    for level in taxonomy.LEVELS:
+        row[level], row[f"{level}_source"] = labels[level], sources[level]
+    row["answer"] = answer_format.render_answer(labels)
+    row["sample_id"] = "c" + io.sha256_bytes(
+        f"{row['parent_sample_id']}|{row['kind']}|{row.get('image_sha256') or ''}".encode())[:16]
+    return row
+
+
+def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[str, dict[str, Any]],
+                params: CounterfactualParams) -> list[ParentTask]:
+    """One task per accepted mask whose parent is annotated, with other images' lesion positions."""
+    accepted = [m for m in masks if m["status"] == "accepted" and m.get("mask_path")]
+    centroids = {m["sample_id"]: (m["centroid_x"], m["centroid_y"]) for m in accepted
+                 if m.get("centroid_x") is not None}
+    dump = params.model_dump(mode="json")
+    tasks = []
+    for m in sorted(accepted, key=lambda r: r["sample_id"]):
+        ann = annotations[m["sample_id"]]
+        others = [c for sid, c in sorted(centroids.items()) if sid != m["sample_id"]]
+        order = np.random.default_rng([params.seed, len(tasks)]).permutation(len(others)) if others else []
+        tasks.append(ParentTask(
+            workspace=str(workspace), sample_id=m["sample_id"], dataset=ann["dataset"], split=ann["split"],
+            image_path=str(workspace / ann["image_path"]), mask_path=str(workspace / m["mask_path"]),
+            mask_sha256=m["mask_sha256"],
+            gt_mask_path=str(workspace / ann["mask_path"]) if ann.get("mask_path") else None,
+            labels={lv: ann[lv] for lv in taxonomy.LEVELS},
+            sources={lv: ann[f"{lv}_source"] for lv in taxonomy.LEVELS},
+            candidates=[others[i] for i in order], params=dump))
+    return tasks
+
+
+def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
+    """DVC stage ``counterfactual``: see the module docstring."""
+    del item
+    ws = Path(workspace)
+    cp = params.counterfactual
+    out_dir = ws / OUT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_temps(out_dir)
+    masks = tables.read_rows(ws / MASKS_PATH, "masks")
+    annotations = {a["sample_id"]: a for a in tables.read_rows(ws / ANNOTATIONS_PATH, "annotations")}
+    missing = sorted(m["sample_id"] for m in masks if m["sample_id"] not in annotations)
+    if missing:
+        raise ValueError(f"masks.parquet has {len(missing)} samples absent from annotations.parquet, "
+                         f"e.g. {missing[:3]}: rerun the mask stage")
+    tasks = build_tasks(ws, masks, annotations, cp)
+    rows = [r for rs in map_items(make_counterfactuals, tasks, workers=cp.workers, desc="counterfactual") for r in rs]
+    rows.sort(key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
+    keep = {r[k] for r in rows for k in ("image_path", "fill_mask_path") if r.get(k)}
+    for sub in ("images", "fill_masks"):
+        for png in (out_dir / sub).glob("??/*.png"):
+            if png.relative_to(ws).as_posix() not in keep:
+                png.unlink()
+    tables.write_rows(rows, out_dir / TABLE_FILE, COUNTERFACTUALS, "counterfactuals")
+    parents_out = {r["parent_sample_id"] for r in rows}
+    summary = {
+        "masks_in": len(masks),
+        "accepted_masks": len(tasks),
+        "skipped_not_accepted": Counter(m["status"] for m in masks if m["status"] != "accepted"),
+        "parents_out": len(parents_out),
+        "rows": len(rows),
+        "by_kind": Counter(r["kind"] for r in rows),
+        "usable_by_kind": Counter(r["kind"] for r in rows if not r["excluded"]),
+        "excluded_parents_by_reason": Counter(r["exclusion_reason"] for r in rows
+                                              if r["excluded"] and r["kind"] == "counterfactual_normal"),
+        "outside_identical_all": all(r["outside_identical"] for r in rows if r.get("image_path")),
+    }
+    if summary["parents_out"] != summary["accepted_masks"]:
+        raise AssertionError(f"counterfactual stage lost parents: {summary}")
+    io.atomic_write_json(out_dir / "summary.json", {k: dict(sorted(v.items())) if isinstance(v, Counter) else v
+                                                     for k, v in summary.items()})
+    write_provenance(out_dir, STAGE, ws, [MASKS_PATH.as_posix(), ANNOTATIONS_PATH.as_posix()],
+                     cp.model_dump(mode="json"))
+    log.info("counterfactual: %s", summary)
