@@ -49,6 +49,10 @@ STRUCTURAL_INFO_KEYS = frozenset({
 })
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IMAGE_SIGNATURES: tuple[bytes, ...] = (
+    b"\xff\xd8\xff", _PNG_SIGNATURE, b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
+    b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51",
+)
 _PNG_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 
 
@@ -181,6 +185,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise Rejected("too_many_pixels", str(exc)) from exc
     except UnidentifiedImageError as exc:
+        if data.startswith(_IMAGE_SIGNATURES):
+            raise Rejected("undecodable", "image signature present but the header cannot be parsed") from exc
         raise Rejected("not_an_image", "no known image signature") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
         # Recognised signature but a header PIL cannot parse.
