@@ -23,18 +23,20 @@ def pipeline_stages(workspace: Path) -> list[StageNode]:
     """All stages in a deterministic topological order (dependencies first, then dvc.yaml order)."""
     import networkx as nx
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph
-        stages = [s for s in graph.nodes if getattr(s, "addressing", None) and s.cmd]
-        position = {s.addressing: i for i, s in enumerate(repo.index.stages)}
+        # Pipeline stages only: `.dvc` files (raw batches) are data sources, not runnable stages.
+        stages = [s for s in graph.nodes if isinstance(s, PipelineStage)]
+        position = {s.name: i for i, s in enumerate(repo.index.stages) if isinstance(s, PipelineStage)}
         sub = graph.subgraph(stages)
         # DVC edges point from a stage to the stages it depends on; reverse for run order.
         ordered = list(nx.lexicographical_topological_sort(
-            sub.reverse(copy=True), key=lambda s: (position.get(s.addressing, 1 << 30), s.addressing)))
+            sub.reverse(copy=True), key=lambda s: (position.get(s.name, 1 << 30), s.name)))
         return [
             StageNode(
-                name=s.addressing,
+                name=s.name,
                 gpus=int((s.meta or {}).get("gpus", 0)),
                 deps=tuple(str(d.def_path) for d in s.deps),
                 outs=tuple(str(o.def_path) for o in s.outs),

@@ -69,7 +69,7 @@ QUARANTINE = pa.schema([
 QUARANTINE_REASONS: tuple[str, ...] = (
     "undecodable", "truncated", "empty_file", "not_an_image", "too_small", "too_many_pixels",
     "mask_missing", "mask_corrupt", "mask_size_mismatch", "malformed_manifest_row",
-    "outside_source_root", "unreadable", "unsupported_mode",
+    "outside_source_root", "unreadable", "unsupported_mode", "symlink_not_followed",
 )
 
 DUPLICATES = pa.schema([

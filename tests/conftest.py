@@ -1,0 +1,56 @@
+"""Shared fixtures: one Prefect test server per session, and workspaces run once and shared.
+
+Read-only tests use the session workspaces directly; tests that change a workspace take a copy
+(``copy_workspace``), so the expensive runs happen once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def spine_workspace(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample, initialised and run through ingest + annotate (read-only for tests)."""
+    from cogalign.runner import run_pipeline
+    from cogalign.workspace import init_workspace
+
+    root = tmp_path_factory.mktemp("spine") / "ws"
+    init_workspace(root, sample=True, salt="test-salt-" + "0" * 32)
+    outcome = run_pipeline(root, until="annotate")
+    assert not outcome.up_to_date and outcome.revision
+    return root
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A private copy of a workspace (git, DVC cache and outputs), safe to modify."""
+    shutil.copytree(src, dst, symlinks=True)
+    for stale in (dst / ".cogalign" / "run.lock", dst / ".dvc" / "tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return dst
