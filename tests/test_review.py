@@ -39,7 +39,7 @@ def test_review_round_trip_csv_and_json(tmp_path: Path) -> None:
     assert {t["reason"] for t in tasks} == {"no_prompt"}
     assert all(Path(t["image_file"]).is_file() for t in tasks)
     # The clinician: a box for the first, a drawn mask for the second, garbage for the third, plus junk rows.
-    h, w = rows[0]["height"], rows[0]["width"]
+    w = rows[0]["width"]
     by_id = {t["sample_id"]: t for t in tasks}
     first, second, third = sorted(by_id)
     by_id[first]["boxes"] = json.dumps([[100, 80, 220, 200]])

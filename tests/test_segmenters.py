@@ -87,7 +87,7 @@ def test_sam_end_to_end_with_tiny_random_model() -> None:
     other = np.asarray(Image.open(sorted((SAMPLE / "cvc-clinicdb" / "images").glob("*.jpg"))[0]).convert("RGB"))
     seg = SamSegmenter(tiny_random_sam(img_size=64), image_batch_size=2, multimask=True)
     boxes = [Prompt(b) for b in q.component_boxes(gt)]
-    prompts = [boxes + [Prompt((5, 5, 60, 60))], [], [Prompt((30, 40, 120, 140), ((70, 90, 1), (35, 45, 0)))]]
+    prompts = [[*boxes, Prompt((5, 5, 60, 60))], [], [Prompt((30, 40, 120, 140), ((70, 90, 1), (35, 45, 0)))]]
     results = seg.segment_batch([image, other, image], prompts)
     assert [r.mask.shape for r in results] == [image.shape[:2], other.shape[:2], image.shape[:2]]
     assert all(r.mask.dtype == bool for r in results)
