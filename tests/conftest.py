@@ -54,3 +54,14 @@ def copy_workspace(src: Path, dst: Path) -> Path:
         else:
             stale.unlink(missing_ok=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def full_workspace(spine_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole pipeline (tiny recipes) run once on the bundled sample (read-only for tests)."""
+    from cogalign.runner import run_pipeline
+
+    root = copy_workspace(spine_workspace, tmp_path_factory.mktemp("full") / "ws")
+    outcome = run_pipeline(root)
+    assert outcome.revision
+    return root
