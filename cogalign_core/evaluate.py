@@ -323,6 +323,13 @@ def build_gallery(rows: Sequence[Mapping[str, Any]], prompts: Sequence[Prompt],
     return items
 
 
+def _count_text(condition: str, c: Mapping[str, Any]) -> str:
+    text = f"{condition} {c['chosen']}" + (f" of {c['available']}" if "available" in c else "")
+    extra = [f"{k.replace('_', ' ')} {v}" for k, v in c.items() if k not in ("chosen", "available", "excluded") and v]
+    extra += [f"excluded {n} ({reason})" for reason, n in (c.get("excluded") or {}).items()]
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
 def _notes(counts: Mapping[str, Any], skipped: Sequence[Mapping[str, str]], majority: Mapping[str, str],
            constant: Mapping[str, str], n_resamples: int) -> list[str]:
     notes = [
@@ -338,7 +345,7 @@ def _notes(counts: Mapping[str, Any], skipped: Sequence[Mapping[str, str]], majo
         "image equals the answer on the real image; a model that is looking scores low there.",
     ]
     for section, c in counts.items():
-        notes.append(f"Section {section}: " + "; ".join(f"{k}: {v}" for k, v in c.items()))
+        notes.append(f"Section {section}, prompts per condition: " + "; ".join(_count_text(k, v) for k, v in c.items()))
     if skipped:
         notes.append(f"{len(skipped)} prompt(s) skipped, unreadable image: "
                      + ", ".join(f"{s['condition']}:{s['sample_id']}" for s in skipped[:20]))
@@ -356,6 +363,8 @@ def model_dir(workspace: Path, model_name: str) -> Path:
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) -> None:
     """DVC stage ``evaluate``: see the module docstring."""
+    import torch
+
     from cogalign_core.train.base_model import canvas_spec
     from cogalign_core.train.infer import generate_answers
     from cogalign_core.train.modeling import load_model_and_processor
@@ -383,15 +392,23 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     prompts, images, skipped = load_prompt_images(prompts, ws, spec, ep.blank_gray, ep.blank_side)
 
     rows: list[dict[str, Any]] = []
-    for model_name in ep.models:
-        recipe = recipes[model_name]
-        model, processor = load_model_and_processor(model_dir(ws, model_name), dtype=recipe.model.dtype,
-                                                    attn_implementation=recipe.model.attn_implementation)
-        completions = [c.strip() for c in generate_answers(model, processor, images, recipe.grounding,
-                                                           max_new_tokens=ep.max_new_tokens,
-                                                           batch_size=ep.batch_size)]
-        rows += prediction_rows(model_name, prompts, completions, recipe.grounding)
-        del model, processor
+    threads_before = torch.get_num_threads()
+    if ep.torch_threads:
+        torch.set_num_threads(ep.torch_threads)
+    try:
+        for model_name in ep.models:
+            recipe = recipes[model_name]
+            model, processor = load_model_and_processor(model_dir(ws, model_name), dtype=recipe.model.dtype,
+                                                        attn_implementation=recipe.model.attn_implementation)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+            completions = [c.strip() for c in generate_answers(model, processor, images, recipe.grounding,
+                                                               max_new_tokens=ep.max_new_tokens,
+                                                               batch_size=ep.batch_size)]
+            rows += prediction_rows(model_name, prompts, completions, recipe.grounding)
+            del model, processor
+    finally:
+        torch.set_num_threads(threads_before)
 
     train_gold = [a for a in annotations if a["split"] == "train"] or annotations
     majority = metrics.majority_answer(train_gold)

@@ -214,6 +214,19 @@ def mean_box_iou() -> Metric:
     return Metric("box_iou", "mean box IoU on grounded lesion prompts", stats, _ratio_finish)
 
 
+def _raw_key(row: Row) -> str:
+    return "raw:" + " ".join(str(row.get("completion") or "").split())
+
+
+def _diagnosis_key(row: Row) -> str:
+    """The parsed diagnosis term, or the whitespace-normalised raw completion when none parsed.
+
+    So two different unparseable completions count as different answers, and identical ones as equal.
+    """
+    d = row.get("pred_diagnosis")
+    return d if d is not None else _raw_key(row)
+
+
 def _real_by_parent(rows: Sequence[Row]) -> dict[str, Row]:
     return {r["parent_sample_id"]: r for r in rows if r["condition"] in REAL_CONDITIONS}
 
@@ -221,15 +234,15 @@ def _real_by_parent(rows: Sequence[Row]) -> dict[str, Row]:
 def _flip_stats(rows: Sequence[Row], condition: str, flipped: bool) -> np.ndarray:
     """[events, pairs] over (real image, derived image) pairs of the same parent.
 
-    An event is a changed diagnosis term (``flipped``) or an unchanged one (not ``flipped``); an
-    unparseable diagnosis is compared as its own value, so garbage on both images counts as unchanged.
+    An event is a changed diagnosis answer (``flipped``) or an unchanged one (not ``flipped``),
+    compared with :func:`_diagnosis_key` (an unparseable answer is compared by its raw text).
     """
     real = _real_by_parent(rows)
     events = pairs = 0
     for r in rows:
         if r["condition"] != condition or r["parent_sample_id"] not in real:
             continue
-        changed = r.get("pred_diagnosis") != real[r["parent_sample_id"]].get("pred_diagnosis")
+        changed = _diagnosis_key(r) != _diagnosis_key(real[r["parent_sample_id"]])
         events += int(changed == flipped)
         pairs += 1
     return np.array([events, pairs], dtype=np.float64)
@@ -262,7 +275,7 @@ def counterfactual_control_gap() -> Metric:
         flips: dict[str, dict[str, list[int]]] = defaultdict(lambda: {COUNTERFACTUAL: [], CONTROL: []})
         for r in rows:
             if r["condition"] in (COUNTERFACTUAL, CONTROL) and r["parent_sample_id"] in real:
-                changed = r.get("pred_diagnosis") != real[r["parent_sample_id"]].get("pred_diagnosis")
+                changed = _diagnosis_key(r) != _diagnosis_key(real[r["parent_sample_id"]])
                 flips[r["parent_sample_id"]][r["condition"]].append(int(changed))
         diffs = [np.mean(f[COUNTERFACTUAL]) - np.mean(f[CONTROL]) for f in flips.values()
                  if f[COUNTERFACTUAL] and f[CONTROL]]
@@ -272,12 +285,15 @@ def counterfactual_control_gap() -> Metric:
 
 
 def _answer_key(row: Row) -> tuple[str | None, ...]:
-    return tuple(row.get(f"pred_{level}") for level in taxonomy.LEVELS)
+    """The four parsed terms; when none parsed at all, the raw completion (see :func:`_diagnosis_key`)."""
+    terms = tuple(row.get(f"pred_{level}") for level in taxonomy.LEVELS)
+    return terms if any(t is not None for t in terms) else (_raw_key(row),)
 
 
 def probe_agreement(condition: str) -> Metric:
-    """Share of probe prompts (blank / shuffled image) whose four parsed terms equal the real image's.
+    """Share of probe prompts (blank / shuffled image) whose answer equals the real image's answer.
 
+    Answers are compared as their four parsed terms, or as raw text when nothing parsed.
     High agreement means the answer does not depend on the image: the model is not looking.
     """
     def stats(rows: Sequence[Row]) -> np.ndarray:

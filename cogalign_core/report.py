@@ -134,7 +134,7 @@ def grouped_bar_figure(metrics: Mapping[str, Any], models: Sequence[str], sectio
     ax.set_xticks(x, [METRIC_LABELS.get(n, n).split(" (")[0] for n in names], rotation=25, ha="right", fontsize=8)
     ax.set_ylim(min(0.0, _min_value(metrics, models, section, names)), 1.05)
     ax.set_title(f"{title} ({section}); black tick = constant answer, grey = majority class", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 

@@ -122,18 +122,23 @@ def test_paired_flip_control_gap_and_probes():
         row("control", "b", answer(CF_GOLD), POLYP),
         row("blank", "b", answer(POLYP), None),
         row("shuffled", "b", answer(POLYP), None),
-        # parent c: only a counterfactual (no control): counts for the flip rate, not for the gap
+        # parent c: only a counterfactual (no control): counts for the flip rate, not for the gap;
+        # two different unparseable answers are a change of answer
         row("lesion", "c", "garbage", POLYP),
         row("counterfactual_normal", "c", "other garbage", CF_GOLD),
+        row("blank", "c", " garbage ", None),
+        # parent d: the same unparseable text on both images is no change
+        row("lesion", "d", "same", POLYP),
+        row("counterfactual_normal", "d", "same", CF_GOLD),
     ]
-    assert value(metrics.counterfactual_flip_rate(), rows) == (pytest.approx(1 / 3), 3)
+    assert value(metrics.counterfactual_flip_rate(), rows) == (0.5, 4)
     assert value(metrics.control_consistency(), rows) == (0.5, 2)
     # gap per parent: a: 1 - 0 = 1, b: 0 - 1 = -1 -> mean 0 over 2 parents
     assert value(metrics.counterfactual_control_gap(), rows) == (0.0, 2)
-    assert value(metrics.probe_agreement("blank"), rows) == (1.0, 2)
+    assert value(metrics.probe_agreement("blank"), rows) == (1.0, 3)
     assert value(metrics.probe_agreement("shuffled"), rows) == (0.5, 2)
     # probes carry no gold: they never enter accuracy
-    assert value(metrics.level_accuracy("diagnosis"), rows) == (pytest.approx(2 / 3), 3)
+    assert value(metrics.level_accuracy("diagnosis"), rows) == (0.5, 4)
     # a constant answer agrees with itself everywhere and never flips
     const = metrics.summarise(rows, majority=POLYP, constant=CONSTANT, n_resamples=20)
     assert const["probe_agreement_blank"]["constant_baseline"] == 1.0
