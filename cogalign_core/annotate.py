@@ -32,6 +32,13 @@ from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 
 OUT_DIR = Path("data/annotate")
+
+
+def split_path(split: str) -> Path:
+    """Workspace-relative path of one split's annotation table (same schema as annotations.parquet)."""
+    return OUT_DIR / f"split_{split}.parquet"
+
+
 SAMPLES = Path("data/ingest/samples.parquet")
 # Components smaller than this fraction of the frame are mask noise, not lesions.
 MIN_COMPONENT_FRACTION = 0.0005
@@ -308,6 +315,12 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     rejects = clinician_rejects + rejects
     out = workspace / OUT_DIR
     tables.write_rows(rows, out / "annotations.parquet", tables.ANNOTATIONS, "annotations")
+    # One file per split as well: training stages depend on their split's file only, so adding an
+    # external test batch does not make DVC retrain (image paths are content-addressed, so a
+    # split table changes exactly when its images do).
+    for split in tables.SPLITS:
+        tables.write_rows([r for r in rows if r["split"] == split], out / split_path(split).name,
+                          tables.ANNOTATIONS, "annotations")
     tables.write_rows(rejects, out / "rejects.parquet", tables.ANNOTATION_REJECTS, "annotation_rejects")
     unlabelled = sum(1 for r in rejects if r["source"] == "dataset_label")
     if len(rows) + unlabelled != len(samples):
