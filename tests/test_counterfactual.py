@@ -98,7 +98,8 @@ def test_bad_input_is_excluded_with_reasons(tmp_path: Path) -> None:
         yy, xx = np.mgrid[0:h, 0:w]
         return ((xx - w / 2) / (w * 0.22)) ** 2 + ((yy - h / 2) / (h * 0.22)) ** 2 <= 1
 
-    makers = {"no_room_for_control": huge, "mask_empty": lambda h, w: np.zeros((h, w), bool), "mask_too_large": lambda h, w: np.ones((h, w), bool),
+    makers = {"no_room_for_control": huge, "mask_empty": lambda h, w: np.zeros((h, w), bool),
+              "mask_too_large": lambda h, w: np.ones((h, w), bool),
               "lesion_touches_border": edge, "mask_size_mismatch": lambda h, w: np.ones((10, 10), bool)}
     def clear_of_border(m: dict) -> bool:  # the big central fill must not reach this image's dark border
         image = np.asarray(Image.open(tmp_path / m["image_path"]).convert("RGB"))
