@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cogalign_core import counterfactual, masks, tables  # noqa: E402
-from cogalign_core.config import PipelineParams  # noqa: E402
-from tests.mask_workspace import build_workspace  # noqa: E402
+from cogalign_core import counterfactual, masks, tables
+from cogalign_core.config import PipelineParams
+from tests.mask_workspace import build_workspace
 
 
 def main() -> None:
