@@ -362,7 +362,8 @@ def model_dir(workspace: Path, model_name: str) -> Path:
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) -> None:
-    """DVC stage ``evaluate``: see the module docstring."""
+    """DVC stage ``evaluate``: see the module docstring. ``item`` is unused (not a per-batch stage)."""
+    del item
     import torch
 
     from cogalign_core.train.base_model import canvas_spec
@@ -432,5 +433,6 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "conditions": counts, "majority_answer": majority, "plots": plot_files,
     })
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([COUNTERFACTUALS_PATH.as_posix()] if counterfactuals else [])
-    inputs += [f"data/{m}/model" for m in ep.models if m != "base_model"]
+    # A real base model lives outside the workspace: its identity (name, revision, hash) is in base_model.json.
+    inputs += [f"data/{m}/model" if m != "base_model" else "data/base_model/base_model.json" for m in ep.models]
     write_provenance(out, STAGE, ws, inputs, {"evaluate": ep.model_dump(mode="json"), "recipe": params.model.recipe})

@@ -128,9 +128,10 @@ def grouped_bar_figure(metrics: Mapping[str, Any], models: Sequence[str], sectio
         s = next((_stat(metrics, m, section, name) for m in models if _stat(metrics, m, section, name)), None)
         if not s:
             continue
-        for key, colour in (("constant_baseline", "k"), ("majority_baseline", "0.6")):
+        # side by side, so equal baselines do not hide each other
+        for key, colour, dx in (("constant_baseline", "k", -0.12), ("majority_baseline", "0.6", 0.12)):
             if s.get(key) is not None:
-                ax.plot([x[j]], [s[key]], "_", markersize=18, markeredgewidth=2, color=colour)
+                ax.plot([x[j] + dx], [s[key]], "_", markersize=14, markeredgewidth=2.5, color=colour)
     ax.set_xticks(x, [METRIC_LABELS.get(n, n).split(" (")[0] for n in names], rotation=25, ha="right", fontsize=8)
     ax.set_ylim(min(0.0, _min_value(metrics, models, section, names)), 1.05)
     ax.set_title(f"{title} ({section}); black tick = constant answer, grey = majority class", fontsize=9)
