@@ -130,7 +130,7 @@ def box_to_canvas(box: Sequence[int], width: int, height: int, spec: CanvasSpec)
     unit = BOX_SCALE / spec.size
 
     def conv(v: float, off: int) -> int:
-        return int(round(min(max((v * lb.scale + off) * unit, 0.0), float(BOX_SCALE))))
+        return round(min(max((v * lb.scale + off) * unit, 0.0), float(BOX_SCALE)))
 
     x1, y1 = conv(xmin, lb.off_x), conv(ymin, lb.off_y)
     x2, y2 = conv(xmax + 1, lb.off_x), conv(ymax + 1, lb.off_y)

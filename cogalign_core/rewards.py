@@ -152,7 +152,8 @@ def grounding_reward(completions: Sequence[Completion], gold_boxes: Sequence[Seq
             continue
         parsed = answer_format.parse_answer(completion_text(completion), grounding=True)
         golds = list(gold_boxes[i] or [])
-        if not parsed.box_given or "bad_box" in parsed.problems or f"duplicate:{answer_format.BOX_TAG}" in parsed.problems:
+        broken_box = "bad_box" in parsed.problems or f"duplicate:{answer_format.BOX_TAG}" in parsed.problems
+        if not parsed.box_given or broken_box:
             out.append(0.0)
             continue
         if not golds:

@@ -37,43 +37,51 @@ class StageSpec:
     gpus: int = 0
 
 
+_TRAIN = ("cogalign_core.train", "cogalign_core.recipes", "cogalign_core.canvas", "cogalign_core.rewards")
+
 STAGES: dict[str, StageSpec] = {
     "ingest_batch": StageSpec("cogalign_core.ingest:run_batch_stage",
-                              ("cogalign_core.ingest", "cogalign_core.imaging")),
+                              ("cogalign_core.ingest", "cogalign_core.imaging", "cogalign_core.executor")),
     "ingest": StageSpec("cogalign_core.ingest:run_merge_stage", ("cogalign_core.ingest", "cogalign_core.imaging")),
     "annotate": StageSpec("cogalign_core.annotate:run_stage", ("cogalign_core.annotate",)),
-    "masks": StageSpec("cogalign_core.masks:run_stage", ("cogalign_core.masks", "cogalign_core.segmenters"), gpus=1),
+    "masks": StageSpec("cogalign_core.masks:run_stage",
+                       ("cogalign_core.masks", "cogalign_core.segmenters", "cogalign_core.review",
+                        "cogalign_core.executor"), gpus=1),
     "counterfactual": StageSpec("cogalign_core.counterfactual:run_stage",
-                                ("cogalign_core.counterfactual", "cogalign_core.inpaint")),
-    "base_model": StageSpec("cogalign_core.train.base_model:run_stage", ("cogalign_core.train",)),
-    "sft": StageSpec("cogalign_core.train.sft:run_stage", ("cogalign_core.train", "cogalign_core.rewards"), gpus=1),
-    "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", ("cogalign_core.train", "cogalign_core.rewards"),
-                          gpus=1),
-    "rl": StageSpec("cogalign_core.train.grpo:run_stage", ("cogalign_core.train", "cogalign_core.rewards"), gpus=1),
+                                ("cogalign_core.counterfactual", "cogalign_core.inpaint", "cogalign_core.fov",
+                                 "cogalign_core.executor")),
+    "base_model": StageSpec("cogalign_core.train.base_model:run_stage", _TRAIN),
+    "sft": StageSpec("cogalign_core.train.sft:run_stage", _TRAIN, gpus=1),
+    "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", _TRAIN, gpus=1),
+    "rl": StageSpec("cogalign_core.train.grpo:run_stage", _TRAIN, gpus=1),
     "evaluate": StageSpec("cogalign_core.evaluate:run_stage",
-                          ("cogalign_core.evaluate", "cogalign_core.metrics", "cogalign_core.report"), gpus=1),
+                          ("cogalign_core.evaluate", "cogalign_core.metrics", "cogalign_core.report", *_TRAIN), gpus=1),
 }
 
 
-def _module_files(name: str) -> list[Path]:
-    """Source files of a module or of every module in a package (without importing it)."""
+def _module_files(name: str) -> list[tuple[str, Path]]:
+    """(key, path) of a module's source file, or of every file in a package, without importing it.
+
+    Keys are ``module`` for a module and ``package/relative/path`` for package files, so the
+    fingerprint does not depend on where the package is installed.
+    """
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         return []
-    origin = Path(spec.origin)
     if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [origin]
+        # A package: every source and data file (recipes are YAML), never bytecode caches.
+        return sorted((f"{name}/{p.relative_to(loc).as_posix()}", p)
+                      for loc in spec.submodule_search_locations for p in Path(loc).rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts)
+    return [(name, Path(spec.origin))]
 
 
 def code_fingerprint(stage: str) -> dict[str, object]:
     """Deterministic fingerprint of the code a stage runs: package version + module source hashes."""
     spec = STAGES[stage]
-    root = Path(__file__).resolve().parent
     files: dict[str, str] = {}
     for name in sorted(set(SHARED_MODULES + spec.modules)):
-        for path in _module_files(name):
-            key = path.resolve().relative_to(root).as_posix()
+        for key, path in _module_files(name):
             files[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"stage": stage, "package_version": __version__, "sources": dict(sorted(files.items()))}
 

@@ -68,7 +68,7 @@ def test_offline_absent_real_weights_fail_clearly(tmp_path, monkeypatch) -> None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     r = recipe.load_recipe("qwen3-vl-2b", "sft")
-    with pytest.raises(base_model.BaseModelUnavailable, match="not in the local Hugging Face cache"):
+    with pytest.raises(base_model.BaseModelUnavailable, match=r"not in the local Hugging Face cache"):
         base_model.resolve_pretrained(r, None)
-    with pytest.raises(base_model.BaseModelUnavailable, match="config.json missing"):
+    with pytest.raises(base_model.BaseModelUnavailable, match=r"config\.json missing"):
         base_model.resolve_pretrained(r, str(tmp_path))

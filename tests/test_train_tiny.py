@@ -51,7 +51,8 @@ def test_base_model_is_deterministic_and_reloads(trained: Path, tmp_path: Path) 
     (rebuilt / data.ANNOTATIONS).write_bytes((trained / data.ANNOTATIONS).read_bytes())
     base_model.run_stage(rebuilt, PipelineParams(), None)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert (rebuilt / base_model.MODEL_DIR / name).read_bytes() == (trained / base_model.MODEL_DIR / name).read_bytes()
+        rel = base_model.MODEL_DIR / name
+        assert (rebuilt / rel).read_bytes() == (trained / rel).read_bytes(), name
 
 
 def test_sft_learns_the_format(trained: Path) -> None:

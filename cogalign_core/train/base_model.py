@@ -31,6 +31,7 @@ from cogalign_core.train.recipe import Recipe, load_recipe
 OUT_DIR = Path("data/base_model")
 MODEL_DIR = OUT_DIR / "model"
 REFERENCE_FILE = OUT_DIR / "base_model.json"
+IDENTITY_KEYS: tuple[str, ...] = ("kind", "name", "revision", "sha256")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
 
 
@@ -154,4 +155,4 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     atomic_write_json(workspace / OUT_DIR / "summary.json", facts)
     write_provenance(workspace / OUT_DIR, "base_model", workspace, inputs,
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
-                     extra={"base_model": {k: v for k, v in facts.items() if k in ("kind", "name", "revision", "sha256")}})
+                     extra={"base_model": {k: v for k, v in facts.items() if k in IDENTITY_KEYS}})

@@ -140,7 +140,8 @@ def balance_normals(examples: Sequence[dict[str, Any]], normal_fraction: float, 
         return only[:max_prompts] if max_prompts else list(only)
     total = max_prompts or max(round(len(normals) / normal_fraction), round(len(lesions) / (1 - normal_fraction)))
     n_norm = max(1, min(total - 1, round(total * normal_fraction)))
-    picked = [normals[i % len(normals)] for i in range(n_norm)] + [lesions[i % len(lesions)] for i in range(total - n_norm)]
+    picked = [normals[i % len(normals)] for i in range(n_norm)]
+    picked += [lesions[i % len(lesions)] for i in range(total - n_norm)]
     order = sorted(range(len(picked)), key=lambda i: (_rank(picked[i], seed + 1), i))
     return [picked[i] for i in order]
 
@@ -157,7 +158,8 @@ def prompt_and_completion(example: dict[str, Any]) -> tuple[list[dict[str, str]]
 def to_dataset(examples: Sequence[dict[str, Any]], workspace: Path, spec: canvas.CanvasSpec,
                with_completion: bool = True) -> Any:
     """``datasets.Dataset`` with ``prompt``, (``completion``), ``image`` (canvas PIL) and the gold columns."""
-    from datasets import Dataset, Features, Image, List, Sequence as HFSequence, Value
+    from datasets import Dataset, Features, Image, List, Value
+    from datasets import Sequence as HFSequence
 
     records = []
     for e in examples:

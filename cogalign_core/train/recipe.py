@@ -135,7 +135,8 @@ class GRPOSpec(_Strict):
     max_completion_length: int = Field(64, ge=8)
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {"format": 0.5, "cognition": 1.0, "diagnosis": 1.0, "grounding": 0.5})
-    use_counterfactuals: bool = Field(True, description="Include counterfactual normals and controls (rl), or not (rl_no_cf).")
+    use_counterfactuals: bool = Field(
+        True, description="Include counterfactual normals and controls (rl), or not (rl_no_cf).")
     normal_fraction: float = Field(0.5, gt=0, lt=1, description="Target share of normal-labelled prompts.")
     max_prompts: int | None = Field(None, ge=1, description="Cap on the balanced prompt set (None: all).")
     loss_type: str = Field("dapo", description="TRL GRPO loss type.")
@@ -162,7 +163,8 @@ class Recipe(_Strict):
     train: TrainSpec
     sft: SFTSpec | None = None
     grpo: GRPOSpec | None = None
-    accelerate_config: str | None = Field(None, description="accelerate config under recipes/accelerate/ for multi-GPU.")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config under recipes/accelerate/ for multi-GPU.")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

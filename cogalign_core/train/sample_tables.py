@@ -34,7 +34,7 @@ def _split(key: str) -> str:
 def _components(mask: np.ndarray) -> tuple[list[dict[str, int]], float]:
     """Boxes (pixel frame, inclusive) of connected lesion components and the lesion area fraction."""
     binary = (mask > 127).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     min_area = 0.0005 * binary.size
     boxes = [{"xmin": int(x), "ymin": int(y), "xmax": int(x + w - 1), "ymax": int(y + h - 1)}
              for x, y, w, h, a in stats[1:] if a >= min_area]

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -163,7 +162,6 @@ def effective_recipe(params: PipelineParams) -> tuple[Recipe, bool]:
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
     """DVC stage ``sft``."""
     del item
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     recipe, include_cf = effective_recipe(params)
     base_dir = base_model.resolve_base_model_dir(workspace)
     out = workspace / OUT_DIR
