@@ -20,6 +20,7 @@ from cogalign_core.config.evaluate import EvaluateParams
 from cogalign_core.config.ingest import IngestParams
 from cogalign_core.config.masks import MaskParams
 from cogalign_core.config.model import ModelParams
+from cogalign_core.config.registry import RegistryParams
 
 PARAMS_FILE = "params.yaml"
 
@@ -52,6 +53,7 @@ class PipelineParams(BaseModel):
         default_factory=CounterfactualParams, description=CounterfactualParams.__doc__)
     model: ModelParams = Field(default_factory=ModelParams, description=ModelParams.__doc__)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description=EvaluateParams.__doc__)
+    registry: RegistryParams = Field(default_factory=RegistryParams, description=RegistryParams.__doc__)
 
 
 def load_params(workspace: str | os.PathLike[str]) -> PipelineParams:
