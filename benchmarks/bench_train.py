@@ -19,11 +19,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from cogalign_core.config import PipelineParams  # noqa: E402
-from cogalign_core.train import base_model, data, grpo, modeling, sample_tables, sft  # noqa: E402
-from cogalign_core.train.recipe import load_recipe  # noqa: E402
+from cogalign_core.config import PipelineParams
+from cogalign_core.train import base_model, data, grpo, modeling, sample_tables, sft
+from cogalign_core.train.recipe import load_recipe
 
 
 def _timed(trainer) -> float:
