@@ -107,6 +107,22 @@ def run(workspace: WorkspaceOpt = Path("."),
 
 
 @app.command()
+def serve(workspace: WorkspaceOpt = Path("."),
+          deployment: Annotated[list[str] | None, typer.Option(
+              "--deployment", "-d", help="Serve only this prefect.yaml deployment (repeatable).")] = None,
+          drop_folder: Annotated[Path | None, typer.Option(
+              help="Drop folder for the retrain deployment (default: <workspace>/drop).")] = None) -> None:
+    """Serve the workspace's prefect.yaml deployments against PREFECT_API_URL until interrupted."""
+    from cogalign.serve import serve_workspace
+    from cogalign.workspace import WorkspaceError
+
+    try:
+        serve_workspace(workspace, names=deployment, drop_folder=drop_folder)
+    except WorkspaceError as exc:
+        _fail(exc)
+
+
+@app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """Show which stages are stale and why (DVC's view, after refreshing code fingerprints)."""
     from cogalign.workspace import Workspace, WorkspaceError
