@@ -1,0 +1,172 @@
+"""DVC stages ``rl`` and ``rl_no_cf``: GRPO from the SFT model with clinical-cognition rewards (TRL ``GRPOTrainer``).
+
+``rl`` trains on the train split's real lesions, real normals, counterfactual normals and controls
+(``counterfactuals.parquet`` rows with ``excluded`` false); ``rl_no_cf`` on the real images only,
+the ablation that credits any gain to the counterfactual images. Prompts are resampled so about
+``normal_fraction`` of them are labelled normal: a constant answer cannot earn most of the reward.
+
+Rewards (:mod:`cogalign_core.rewards`) and their weights, group size, KL beta, temperature and
+lengths come from the recipe. Outputs in ``data/rl[_no_cf]/``: ``model/`` (merged, reloadable),
+``adapter/`` (LoRA recipes), ``log.csv`` (per step: loss, total reward and its std, each reward's
+mean, the fraction of zero-variance groups, KL, completion length), ``summary.json``,
+``provenance.json``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from cogalign_core.config import PipelineParams
+from cogalign_core.io import atomic_dir, atomic_write_json
+from cogalign_core.provenance import write_provenance
+from cogalign_core.rewards import REWARDS
+from cogalign_core.train import base_model, data, modeling, sft
+from cogalign_core.train.recipe import Method, Recipe, load_recipe
+from cogalign_core.train.trainlog import StepLog, write_log_csv
+
+SFT_MODEL = sft.OUT_DIR / "model"
+
+
+def reward_functions(recipe: Recipe) -> tuple[list[Any], list[float]]:
+    """The recipe's reward functions and their weights, in the recipe's order."""
+    assert recipe.grpo is not None
+    names = list(recipe.grpo.reward_weights)
+    return [REWARDS[n] for n in names], [recipe.grpo.reward_weights[n] for n in names]
+
+
+def log_columns(recipe: Recipe) -> list[str]:
+    """Trainer log keys written to log.csv, in order."""
+    funcs, _ = reward_functions(recipe)
+    return ["loss", "reward", "reward_std", "frac_reward_zero_std",
+            *[f"rewards/{f.__name__}/mean" for f in funcs], *[f"rewards/{f.__name__}/std" for f in funcs],
+            "kl", "entropy", "completions/mean_length", "completions/clipped_ratio", "learning_rate", "grad_norm"]
+
+
+def csv_names(recipe: Recipe) -> dict[str, str]:
+    """Trainer log key -> log.csv column name (slashes become underscores/dots for plot tools)."""
+    return {c: c.replace("rewards/", "reward_").replace("/", ".") for c in log_columns(recipe)}
+
+
+def grpo_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None) -> GRPOConfig:
+    """TRL ``GRPOConfig`` from the recipe (no checkpoints, no external loggers)."""
+    t, g = recipe.train, recipe.grpo
+    assert g is not None
+    _, weights = reward_functions(recipe)
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=max_steps or t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, gradient_checkpointing=t.gradient_checkpointing, bf16=t.bf16,
+        dataloader_num_workers=t.dataloader_num_workers,
+        num_generations=g.num_generations, beta=g.beta, temperature=g.temperature, top_p=g.top_p,
+        max_completion_length=g.max_completion_length, reward_weights=weights, loss_type=g.loss_type,
+        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        log_completions=False,
+    )
+
+
+def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: Any, recipe: Recipe,
+                  output_dir: str | Path, max_steps: int | None = None,
+                  callbacks: list[TrainerCallback] | None = None) -> GRPOTrainer:
+    """A ``GRPOTrainer`` for the recipe (LoRA-wrapped when the recipe says so)."""
+    if recipe.lora.freeze_vision and not recipe.lora.enabled:
+        sft.freeze_vision_tower(model)
+    funcs, _ = reward_functions(recipe)
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(recipe, output_dir, max_steps),
+                       train_dataset=train_ds, processing_class=processor,
+                       peft_config=sft.lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
+
+
+def grpo_examples(workspace: Path, recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Balanced GRPO prompts (train split) and counts of what went in and came out."""
+    g = recipe.grpo
+    assert g is not None
+    spec = base_model.canvas_spec(recipe)
+    annotations = data.load_annotations(workspace)
+    pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool)}
+    if g.use_counterfactuals:
+        cf_rows = data.load_counterfactuals(workspace)
+        cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
+        counts.update({"counterfactual_rows": len(cf_rows), "counterfactual_train": len(cf),
+                       "counterfactual_skipped": dict(sorted(skipped.items()))})
+        pool += cf
+    if not pool:
+        raise data.DataError("no train examples for GRPO")
+    balanced = data.balance_normals(pool, g.normal_fraction, recipe.train.seed, g.max_prompts)
+    counts.update({"pool_by_kind": data.kind_counts(pool), "prompts": len(balanced),
+                   "prompts_by_kind": data.kind_counts(balanced)})
+    return balanced, counts
+
+
+def reward_trajectory(log: StepLog, recipe: Recipe) -> dict[str, dict[str, float | None]]:
+    """First and last logged value of each reward's mean, the total reward and zero-variance fraction."""
+    funcs, _ = reward_functions(recipe)
+    keys = {f.__name__: f"rewards/{f.__name__}/mean" for f in funcs}
+    keys.update({"reward": "reward", "frac_reward_zero_std": "frac_reward_zero_std"})
+    out: dict[str, dict[str, float | None]] = {}
+    for name, key in keys.items():
+        s = log.series(key)
+        out[name] = {"first": s[0][1] if s else None, "last": s[-1][1] if s else None}
+    return out
+
+
+def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, max_steps: int | None = None
+               ) -> dict[str, Any]:
+    """Run GRPO from ``start_dir``; write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
+    examples, counts = grpo_examples(workspace, recipe)
+    train_ds = data.to_dataset(examples, workspace, base_model.canvas_spec(recipe), with_completion=False)
+    model, processor = modeling.load_model_and_processor(start_dir, recipe.model.dtype,
+                                                         recipe.model.attn_implementation)
+    log = StepLog()
+    with tempfile.TemporaryDirectory(prefix="cogalign-grpo-") as tmp:
+        trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log])
+        trainer.train()
+    trained = trainer.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.lora.enabled:
+        with atomic_dir(out_dir / "adapter") as tmp_adapter:
+            trained.save_pretrained(tmp_adapter)
+        trained = trained.merge_and_unload()
+    with atomic_dir(out_dir / "model") as tmp_model:
+        modeling.save_model_and_processor(trained, processor, tmp_model)
+    write_log_csv(out_dir / "log.csv", log, log_columns(recipe), rename=csv_names(recipe))
+    spread = log.series("reward_std")
+    summary = {**counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
+               "use_counterfactuals": bool(recipe.grpo and recipe.grpo.use_counterfactuals),
+               "rewards": reward_trajectory(log, recipe),
+               "steps_with_reward_spread": sum(v > 0 for _, v in spread)}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _run(workspace: Path, params: PipelineParams, method: Method, stage: str, out_rel: Path) -> None:
+    recipe = load_recipe(params.model.recipe, method)
+    start = workspace / SFT_MODEL
+    if not (start / "config.json").is_file():
+        raise FileNotFoundError(f"{start} not found: run the sft stage first")
+    summary = train_grpo(workspace, recipe, start, workspace / out_rel, params.model.rl_max_steps)
+    inputs = [data.ANNOTATIONS.as_posix(), SFT_MODEL.as_posix()]
+    if recipe.grpo is not None and recipe.grpo.use_counterfactuals:
+        inputs.append(data.COUNTERFACTUALS.as_posix())
+    write_provenance(workspace / out_rel, stage, workspace, inputs,
+                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
+                     extra={"steps": summary["steps"]})
+
+
+def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
+    """DVC stage ``rl``: GRPO with counterfactual normals and controls."""
+    del item
+    _run(workspace, params, "grpo", "rl", Path("data/rl"))
+
+
+def run_no_cf_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
+    """DVC stage ``rl_no_cf``: the same GRPO without counterfactual images."""
+    del item
+    _run(workspace, params, "grpo_no_cf", "rl_no_cf", Path("data/rl_no_cf"))
