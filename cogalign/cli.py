@@ -239,6 +239,65 @@ def review_import(file: Annotated[Path, typer.Argument(help="Completed task file
     console.print(f"imported {n} clinician prompts; `cogalign run` picks them up")
 
 
+@app.command()
+def retrain(drop: Annotated[Path, typer.Option("--drop", help="Drop folder where new clinical images land.")],
+            workspace: WorkspaceOpt = Path("."),
+            until: Annotated[str | None, typer.Option(help="Stop the pipeline after this stage (no decision).")] = None
+            ) -> None:
+    """Take new files from the drop folder, rerun what changed, promote the challenger only if better."""
+    from cogalign.runner import prepare_prefect_env
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        ws = Workspace.open(workspace)
+        prepare_prefect_env(ws)
+        from cogalign.flows.retrain import retrain as retrain_flow
+        from cogalign.tasks.dvc_stage import StageFailed
+
+        try:
+            out = retrain_flow(str(ws.root), str(drop.resolve()), until=until)
+        except StageFailed as exc:
+            _fail(exc)
+    except WorkspaceError as exc:
+        _fail(exc)
+    if out["noop"]:
+        console.print(f"[green]no-op[/]: {out['note']} ({out['seconds']:.1f}s)")
+        return
+    console.print(f"drop folder: {json.dumps(out['drop'])}")
+    console.print(f"new raw batch: {out['batch'] or '-'}; new batch ingest: {json.dumps(out['new_batch_ingest'])}")
+    console.print(f"stages run: {', '.join(out['ran_stages']) or 'none'}")
+    decision = out.get("decision")
+    if decision is None:
+        console.print(out["note"])
+        return
+    verdict = "[bold green]PROMOTED[/]" if decision["promote"] else "[bold yellow]not promoted[/]"
+    console.print(f"decision {decision['id']}: {verdict} ({out['decision_path']})")
+    for reason in decision["reasons"]:
+        console.print(f"  - {reason}")
+
+
+@app.command()
+def forget(sample_id: Annotated[str | None, typer.Argument(help="Sample id to remove (`cogalign lineage`).")] = None,
+           patient: Annotated[str | None, typer.Option(help="Remove every sample of this patient/sequence id.")] = None,
+           workspace: WorkspaceOpt = Path("."),
+           no_rerun: Annotated[bool, typer.Option("--no-rerun", help="Do not rerun the pipeline now.")] = False
+           ) -> None:
+    """Remove a sample (or a patient's samples) and everything derived from it; collect the DVC cache."""
+    from cogalign.forget import forget as forget_samples
+    from cogalign.runner import prepare_prefect_env
+    from cogalign.tasks.dvc_stage import StageFailed
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        prepare_prefect_env(Workspace.open(workspace))
+        out = forget_samples(workspace, sample_id=sample_id, patient=patient, rerun=not no_rerun)
+    except (WorkspaceError, StageFailed) as exc:
+        _fail(exc)
+    console.print(f"forgot {out.samples} sample(s): {out.raw_files} raw file(s), {out.derived_images} derived "
+                  f"image(s), {out.clinician_rows} clinician row(s); {out.cache_objects_removed} cache objects "
+                  f"collected; reran: {', '.join(out.reran) or 'nothing'}")
+
+
 def main() -> None:
     app()
 
