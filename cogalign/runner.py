@@ -65,6 +65,8 @@ def prepare_prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(ws.root / STATE_DIR / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # The default 20 s is too short on a busy 2-core machine (the server imports a lot).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 

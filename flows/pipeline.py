@@ -87,15 +87,13 @@ def _publish_evaluation(ws: Workspace) -> None:
     metrics_path = ws.root / "data" / "evaluate" / "metrics.json"
     if not metrics_path.exists():
         return
-    metrics = json.loads(metrics_path.read_text())
-    rows = []
-    for model, figures in sorted((metrics.get("models") or metrics).items()):
-        if not isinstance(figures, dict):
-            continue
-        for metric, value in sorted(figures.items()):
-            if isinstance(value, dict) and "value" in value:
-                rows.append({"model": model, "metric": metric, "value": value.get("value"),
-                             "ci_low": value.get("ci_low"), "ci_high": value.get("ci_high"), "n": value.get("n")})
+    from cogalign.compare import flatten_figures
+
+    figures = flatten_figures(json.loads(metrics_path.read_text()))
+    rows = [{"metric": key, "value": v.get("value"), "ci_low": v.get("ci_low"), "ci_high": v.get("ci_high"),
+             "n": v.get("n"), "constant_baseline": v.get("constant_baseline"),
+             "majority_baseline": v.get("majority_baseline")}
+            for key, v in sorted(figures.items()) if ".by_source." not in key]
     if rows:
         create_table_artifact(key="evaluation-metrics", table=rows, description="evaluation metrics (95% CI)")
     report = ws.root / "data" / "evaluate" / "report.html"
