@@ -370,6 +370,11 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
             if png.relative_to(ws).as_posix() not in keep:
                 png.unlink()
     tables.write_rows(rows, out_dir / TABLE_FILE, COUNTERFACTUALS, "counterfactuals")
+    # Per-split copies: training stages depend on their split only (paths are content-addressed,
+    # so a split's table changes exactly when its images do).
+    for split in tables.SPLITS:
+        tables.write_rows([r for r in rows if r["split"] == split], out_dir / f"split_{split}.parquet",
+                          COUNTERFACTUALS, "counterfactuals")
     parents_out = {r["parent_sample_id"] for r in rows}
     summary = {
         "masks_in": len(masks),

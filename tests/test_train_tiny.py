@@ -48,7 +48,8 @@ def test_base_model_is_deterministic_and_reloads(trained: Path, tmp_path: Path) 
     # Rebuilding from the same annotations gives byte-identical weights and tokenizer.
     rebuilt = tmp_path / "ws"
     (rebuilt / "data/annotate").mkdir(parents=True)
-    (rebuilt / data.ANNOTATIONS).write_bytes((trained / data.ANNOTATIONS).read_bytes())
+    train_table = data.split_table(data.ANNOTATE_DIR, "train")
+    (rebuilt / train_table).write_bytes((trained / train_table).read_bytes())
     base_model.run_stage(rebuilt, PipelineParams(), None)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         rel = base_model.MODEL_DIR / name

@@ -62,7 +62,7 @@ def build_tiny(workspace: Path, recipe: Recipe) -> dict[str, Any]:
     from cogalign_core.train import modeling
 
     assert recipe.model.tiny is not None
-    annotations = data.load_annotations(workspace)
+    annotations = data.load_annotations(workspace, ["train"])  # the tokenizer never sees val/test text
     n_train = sum(r["split"] == "train" for r in annotations)
     if n_train == 0:
         raise data.DataError("annotations.parquet has no train rows: the tiny tokenizer needs the train split")
@@ -144,7 +144,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     if recipe.model.kind == "tiny":
         facts = build_tiny(workspace, recipe)
         reference = {"kind": "tiny", "path": MODEL_DIR.as_posix(), "family": recipe.family}
-        inputs = [data.ANNOTATIONS.as_posix()]
+        inputs = [data.split_table(data.ANNOTATE_DIR, "train")]
     else:
         facts = resolve_pretrained(recipe, params.model.base_model_path)
         # The local path differs between machines, so only the identity (name, revision, hash) is a DVC fact.

@@ -29,8 +29,9 @@ from typing import Any
 from cogalign_core import answer_format, canvas, taxonomy
 from cogalign_core.tables import read_rows
 
-ANNOTATIONS = Path("data/annotate/annotations.parquet")
-COUNTERFACTUALS = Path("data/counterfactual/counterfactuals.parquet")
+ANNOTATE_DIR = Path("data/annotate")
+COUNTERFACTUAL_DIR = Path("data/counterfactual")
+ALL_SPLITS: tuple[str, ...] = ("train", "val", "test", "external_test")
 KINDS: tuple[str, ...] = ("real_lesion", "real_normal", "counterfactual_normal", "control")
 LEVEL_COLUMNS: tuple[str, ...] = taxonomy.LEVELS
 
@@ -105,20 +106,33 @@ def counterfactual_examples(cf_rows: Iterable[dict[str, Any]], annotations: Iter
     return out, skipped
 
 
-def load_annotations(workspace: Path) -> list[dict[str, Any]]:
-    """Rows of ``data/annotate/annotations.parquet``; a clear error when it is missing."""
-    path = workspace / ANNOTATIONS
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the annotate stage first")
-    return read_rows(path)
+def split_table(folder: Path, split: str) -> str:
+    """Workspace-relative path of one split's table in a stage folder."""
+    return (folder / f"split_{split}.parquet").as_posix()
 
 
-def load_counterfactuals(workspace: Path) -> list[dict[str, Any]]:
-    """Rows of ``data/counterfactual/counterfactuals.parquet``; a clear error when it is missing."""
-    path = workspace / COUNTERFACTUALS
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the counterfactual stage first")
-    return read_rows(path)
+def _split_rows(workspace: Path, folder: Path, splits: Sequence[str], stage: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for split in splits:
+        path = workspace / split_table(folder, split)
+        if not path.is_file():
+            raise DataError(f"{path} not found: run the {stage} stage first")
+        rows += read_rows(path)
+    return rows
+
+
+def load_annotations(workspace: Path, splits: Sequence[str] = ALL_SPLITS) -> list[dict[str, Any]]:
+    """Annotation rows of ``splits``, read from the annotate stage's per-split tables.
+
+    Reading only the needed splits keeps a training stage's DVC inputs to what it learns from:
+    registering an external test batch must not retrain anything.
+    """
+    return _split_rows(workspace, ANNOTATE_DIR, splits, "annotate")
+
+
+def load_counterfactuals(workspace: Path, splits: Sequence[str] = ALL_SPLITS) -> list[dict[str, Any]]:
+    """Counterfactual rows of ``splits``, from the counterfactual stage's per-split tables."""
+    return _split_rows(workspace, COUNTERFACTUAL_DIR, splits, "counterfactual")
 
 
 def _rank(example: dict[str, Any], seed: int) -> str:

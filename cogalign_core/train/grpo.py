@@ -88,11 +88,11 @@ def grpo_examples(workspace: Path, recipe: Recipe) -> tuple[list[dict[str, Any]]
     g = recipe.grpo
     assert g is not None
     spec = base_model.canvas_spec(recipe)
-    annotations = data.load_annotations(workspace)
+    annotations = data.load_annotations(workspace, ["train"])
     pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
     counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool)}
     if g.use_counterfactuals:
-        cf_rows = data.load_counterfactuals(workspace)
+        cf_rows = data.load_counterfactuals(workspace, ["train"])
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         counts.update({"counterfactual_rows": len(cf_rows), "counterfactual_train": len(cf),
                        "counterfactual_skipped": dict(sorted(skipped.items()))})
@@ -152,9 +152,9 @@ def _run(workspace: Path, params: PipelineParams, method: Method, stage: str, ou
     if not (start / "config.json").is_file():
         raise FileNotFoundError(f"{start} not found: run the sft stage first")
     summary = train_grpo(workspace, recipe, start, workspace / out_rel, params.model.rl_max_steps)
-    inputs = [data.ANNOTATIONS.as_posix(), SFT_MODEL.as_posix()]
+    inputs = [data.split_table(data.ANNOTATE_DIR, "train"), SFT_MODEL.as_posix()]
     if recipe.grpo is not None and recipe.grpo.use_counterfactuals:
-        inputs.append(data.COUNTERFACTUALS.as_posix())
+        inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
     write_provenance(workspace / out_rel, stage, workspace, inputs,
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
                      extra={"steps": summary["steps"]})

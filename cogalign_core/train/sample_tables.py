@@ -94,6 +94,9 @@ def build_annotations(workspace: Path, n_lesion: int, n_normal: int) -> list[dic
         rows.append(_row("s" + Path(rel).stem, "kvasir-v2", rel, image, labels, [], 0.0))
     tables.write_rows([{k: v for k, v in r.items() if k != "_mask"} for r in rows],
                       workspace / "data/annotate/annotations.parquet", tables.ANNOTATIONS, "annotations")
+    for split in tables.SPLITS:
+        tables.write_rows([r for r in rows if r["split"] == split], workspace / f"data/annotate/split_{split}.parquet",
+                          tables.ANNOTATIONS, "annotations")
     return rows
 
 
@@ -112,6 +115,7 @@ def build_counterfactuals(workspace: Path, annotations: list[dict[str, Any]], ma
     mask leaves no lesion-free place for the control is marked ``excluded`` with a reason.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     out: list[dict[str, Any]] = []
@@ -147,6 +151,8 @@ def build_counterfactuals(workspace: Path, annotations: list[dict[str, Any]], ma
     path = workspace / "data/counterfactual/counterfactuals.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
+    for split in ("train", "val", "test", "external_test"):
+        pq.write_table(table.filter(pc.equal(table["split"], split)), path.with_name(f"split_{split}.parquet"))
     return out
 
 

@@ -92,12 +92,12 @@ def sft_examples(workspace: Path, recipe: Recipe, include_counterfactuals: bool
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(train examples, val examples, counts) for SFT."""
     spec = base_model.canvas_spec(recipe)
-    annotations = data.load_annotations(workspace)
+    annotations = data.load_annotations(workspace, ["train", "val"])
     train = data.real_examples(annotations, ["train"], spec, recipe.grounding)
     counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(train)}
     if include_counterfactuals:
-        cf, skipped = data.counterfactual_examples(data.load_counterfactuals(workspace), annotations, ["train"],
-                                                   spec, recipe.grounding)
+        cf_rows = data.load_counterfactuals(workspace, ["train"])
+        cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         train += cf
         counts["counterfactual_train"] = len(cf)
         counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
@@ -166,11 +166,12 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     base_dir = base_model.resolve_base_model_dir(workspace)
     out = workspace / OUT_DIR
     summary = train_sft(workspace, recipe, base_dir, out, include_cf, params.model.sft_max_steps)
-    inputs = [data.ANNOTATIONS.as_posix(), base_model.REFERENCE_FILE.as_posix()]
+    inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
+              base_model.REFERENCE_FILE.as_posix()]
     if recipe.model.kind == "tiny":
         inputs.append(base_model.MODEL_DIR.as_posix())
     if include_cf:
-        inputs.append(data.COUNTERFACTUALS.as_posix())
+        inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
     write_provenance(out, "sft", workspace, inputs,
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
                      extra={"steps": summary["steps"]})
