@@ -298,6 +298,33 @@ def forget(sample_id: Annotated[str | None, typer.Argument(help="Sample id to re
                   f"collected; reran: {', '.join(out.reran) or 'nothing'}")
 
 
+@app.command()
+def evaluate(workspace: WorkspaceOpt = Path("."),
+             test_source: Annotated[Path | None, typer.Option(
+                 "--test-source", help="Folder the workspace has never seen: registered as a test-role batch, "
+                 "validated like any other, never trained on, reported in its own section.")] = None,
+             layout: Annotated[str, typer.Option(help="Layout of --test-source.")] = "auto",
+             no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False
+             ) -> None:
+    """Evaluate the trained models (optionally on a new external test folder) and refresh the report."""
+    from cogalign.runner import run_pipeline
+    from cogalign.tasks.dvc_stage import StageFailed
+    from cogalign.workspace import Workspace, WorkspaceError, register
+
+    try:
+        ws = Workspace.open(workspace)
+        if test_source is not None:
+            batch = register(ws, test_source, layout=layout, role="test")
+            console.print(f"registered {test_source} as external test batch [bold]{batch}[/]")
+        outcome = run_pipeline(ws.root, until="evaluate", commit=not no_commit)
+    except (WorkspaceError, StageFailed) as exc:
+        _fail(exc)
+    report = ws.root / "data" / "evaluate" / "report.html"
+    training = ("base_model", "sft", "rl", "rl_no_cf")
+    retrained = [s["stage"] for s in outcome.stages if s["ran"] and s["stage"] in training]
+    console.print(f"report: {report}" + (f"  (retrained: {', '.join(retrained)})" if retrained else ""))
+
+
 def main() -> None:
     app()
 

@@ -20,7 +20,10 @@ from cogalign_core import __version__
 
 SHARED_MODULES: tuple[str, ...] = (
     "cogalign_core.io", "cogalign_core.tables", "cogalign_core.taxonomy", "cogalign_core.answer_format",
-    "cogalign_core.privacy", "cogalign_core.stage", "cogalign_core.config",
+    "cogalign_core.privacy", "cogalign_core.stage", "cogalign_core.provenance",
+    # The params package's __init__ only: each stage lists its own params module, so changing one
+    # stage's parameter model does not rerun every stage.
+    "cogalign_core.config:__init__",
 )
 
 
@@ -37,25 +40,31 @@ class StageSpec:
     gpus: int = 0
 
 
-_TRAIN = ("cogalign_core.train", "cogalign_core.recipes", "cogalign_core.canvas", "cogalign_core.rewards")
+_TRAIN = ("cogalign_core.train", "cogalign_core.recipes", "cogalign_core.canvas", "cogalign_core.rewards",
+          "cogalign_core.config.model")
 
 STAGES: dict[str, StageSpec] = {
     "ingest_batch": StageSpec("cogalign_core.ingest:run_batch_stage",
-                              ("cogalign_core.ingest", "cogalign_core.imaging", "cogalign_core.executor")),
-    "ingest": StageSpec("cogalign_core.ingest:run_merge_stage", ("cogalign_core.ingest", "cogalign_core.imaging")),
-    "annotate": StageSpec("cogalign_core.annotate:run_stage", ("cogalign_core.annotate",)),
+                              ("cogalign_core.ingest", "cogalign_core.imaging", "cogalign_core.executor",
+                               "cogalign_core.raw_batch", "cogalign_core.config.ingest")),
+    "ingest": StageSpec("cogalign_core.ingest:run_merge_stage",
+                        ("cogalign_core.ingest", "cogalign_core.imaging", "cogalign_core.raw_batch",
+                         "cogalign_core.config.ingest")),
+    "annotate": StageSpec("cogalign_core.annotate:run_stage",
+                          ("cogalign_core.annotate", "cogalign_core.config.annotate")),
     "masks": StageSpec("cogalign_core.masks:run_stage",
                        ("cogalign_core.masks", "cogalign_core.segmenters", "cogalign_core.review",
-                        "cogalign_core.executor"), gpus=1),
+                        "cogalign_core.executor", "cogalign_core.config.masks"), gpus=1),
     "counterfactual": StageSpec("cogalign_core.counterfactual:run_stage",
                                 ("cogalign_core.counterfactual", "cogalign_core.inpaint", "cogalign_core.fov",
-                                 "cogalign_core.executor")),
+                                 "cogalign_core.executor", "cogalign_core.config.counterfactual")),
     "base_model": StageSpec("cogalign_core.train.base_model:run_stage", _TRAIN),
     "sft": StageSpec("cogalign_core.train.sft:run_stage", _TRAIN, gpus=1),
     "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", _TRAIN, gpus=1),
     "rl": StageSpec("cogalign_core.train.grpo:run_stage", _TRAIN, gpus=1),
     "evaluate": StageSpec("cogalign_core.evaluate:run_stage",
-                          ("cogalign_core.evaluate", "cogalign_core.metrics", "cogalign_core.report", *_TRAIN), gpus=1),
+                          ("cogalign_core.evaluate", "cogalign_core.metrics", "cogalign_core.report",
+                           "cogalign_core.config.evaluate", *_TRAIN), gpus=1),
 }
 
 
@@ -65,10 +74,12 @@ def _module_files(name: str) -> list[tuple[str, Path]]:
     Keys are ``module`` for a module and ``package/relative/path`` for package files, so the
     fingerprint does not depend on where the package is installed.
     """
+    package_init_only = name.endswith(":__init__")
+    name = name.removesuffix(":__init__")
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         return []
-    if spec.submodule_search_locations:
+    if spec.submodule_search_locations and not package_init_only:
         # A package: every source and data file (recipes are YAML), never bytecode caches.
         return sorted((f"{name}/{p.relative_to(loc).as_posix()}", p)
                       for loc in spec.submodule_search_locations for p in Path(loc).rglob("*")

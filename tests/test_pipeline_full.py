@@ -1,0 +1,142 @@
+"""The whole tiny pipeline on the bundled sample: outputs, reloadable models, report, lineage, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cogalign import lineage as lin
+from cogalign.compare import compare_metrics, read_metrics_at
+from cogalign.runner import apply_overrides, run_pipeline
+from cogalign.workspace import Workspace
+from cogalign_core import tables
+from tests.conftest import copy_workspace
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = (
+    "data/ingest/samples.parquet", "data/ingest/quarantine.parquet", "data/annotate/annotations.parquet",
+    "data/masks/masks.parquet", "data/masks/review.parquet", "data/masks/qc.json",
+    "data/counterfactual/counterfactuals.parquet", "data/evaluate/metrics.json",
+    "data/evaluate/predictions.parquet", "data/evaluate/report.html", "dvc.lock",
+)
+
+
+def test_every_stage_output_exists_and_is_committed(full_workspace: Path) -> None:
+    for rel in OUTPUTS:
+        assert (full_workspace / rel).is_file(), rel
+    ws = Workspace.open(full_workspace)
+    lock = yaml.safe_load((full_workspace / "dvc.lock").read_text())["stages"]
+    for stage in ("masks", "counterfactual", "base_model", "sft", "rl_no_cf", "rl", "evaluate"):
+        assert stage in lock, stage
+    assert ws.git("status", "--porcelain", "--", "dvc.lock").stdout == ""
+    metrics = json.loads(ws.dvc("metrics", "show", "--json").stdout)
+    assert any("data/evaluate/metrics.json" in json.dumps(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl_no_cf", "rl"])
+def test_trained_models_reload_offline(full_workspace: Path, stage: str) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = full_workspace / "data" / stage / "model"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    assert model.config.model_type == "qwen3_vl" and processor.tokenizer is not None
+
+
+def test_rerun_is_up_to_date(full_workspace: Path, tmp_path: Path) -> None:
+    outcome = run_pipeline(copy_workspace(full_workspace, tmp_path / "ws"))
+    assert outcome.up_to_date
+
+
+def test_masks_and_counterfactuals_are_real(full_workspace: Path) -> None:
+    masks = tables.read_rows(full_workspace / "data/masks/masks.parquet")
+    accepted = [m for m in masks if m["status"] == "accepted"]
+    assert accepted and all((full_workspace / m["mask_path"]).is_file() for m in accepted)
+    qc = json.loads((full_workspace / "data/masks/qc.json").read_text())
+    assert "box_ellipse" in json.dumps(qc) and "grabcut" in json.dumps(qc)
+    cfs = tables.read_rows(full_workspace / "data/counterfactual/counterfactuals.parquet")
+    kinds = {c["kind"] for c in cfs if not c["excluded"]}
+    assert {"counterfactual_normal", "control"} <= kinds
+    assert all(c["exclusion_reason"] for c in cfs if c["excluded"])
+    ann = {a["sample_id"]: a for a in tables.read_rows(full_workspace / "data/annotate/annotations.parquet")}
+    assert all(c["split"] == ann[c["parent_sample_id"]]["split"] for c in cfs)
+    assert all(c["diagnosis"] == "normal" for c in cfs if c["kind"] == "counterfactual_normal")
+
+
+def test_dilation_margin_change_makes_only_counterfactual_stale(full_workspace: Path, tmp_path: Path) -> None:
+    ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
+    apply_overrides(ws, {"counterfactual.margin_fraction": str(ws.params.counterfactual.margin_fraction + 0.05)})
+    stale = set(json.loads(ws.dvc("status", "--json").stdout))
+    assert stale == {"counterfactual"}
+
+
+def test_report_is_self_contained(full_workspace: Path) -> None:
+    html = (full_workspace / "data/evaluate/report.html").read_text()
+    assert "<table" in html and "data:image/png;base64," in html
+    for forbidden in ("http://", "https://", "//cdn"):
+        assert forbidden not in html
+
+
+def test_metrics_carry_intervals_and_baselines(full_workspace: Path) -> None:
+    metrics = json.loads((full_workspace / "data/evaluate/metrics.json").read_text())
+    from cogalign.compare import flatten_figures
+
+    figures = flatten_figures(metrics)
+    assert any(k.startswith("rl.") for k in figures) and any(k.startswith("sft.") for k in figures)
+    for key, fig in figures.items():
+        assert {"value", "ci_low", "ci_high", "n", "constant_baseline", "majority_baseline"} <= set(fig), key
+        if fig["n"] == 0:
+            assert fig["value"] is None, key
+    assert any("real_normal_specificity" in k for k in figures)
+    assert any("counterfactual_specificity" in k for k in figures)
+
+
+def test_compare_same_revision_is_within_noise(full_workspace: Path) -> None:
+    ws = Workspace.open(full_workspace)
+    head = ws.revision()
+    assert head
+    rows = compare_metrics(read_metrics_at(str(ws.root), head), read_metrics_at(str(ws.root), head))
+    assert rows and all(r.delta in (0, None) and not r.outside_noise for r in rows)
+
+
+def test_rl_lineage_lists_train_raw_files_and_no_test_file(full_workspace: Path) -> None:
+    ws = Workspace.open(full_workspace)
+    record = lin.lineage(ws, "data/rl/model")
+    assert record["stage"] == "rl" and record["revision"] and record["flow_run_id"]
+    assert [s["stage"] for s in record["chain"]][:1] == ["ingest_batch@b0001"]
+    assert record["raw_batches"] == ["data/raw/b0001"]
+    chain_params = json.dumps([s["params"] for s in record["chain"]])
+    assert ws.params.privacy.salt not in chain_params  # the pseudonymisation key never leaks
+    train_files = record["raw_files"]["train"]
+    ann = tables.read_rows(full_workspace / "data/annotate/annotations.parquet")
+    assert len(train_files) == sum(a["split"] == "train" for a in ann)
+    assert all(f.startswith("data/raw/b0001/files/") and (full_workspace / f).is_file() for f in train_files)
+    test_files = set(lin.artifact_lineage(ws, "data/evaluate/metrics.json")["raw_files"]["test"])
+    assert test_files and not (test_files & set(train_files))
+    assert "flowchart" in lin.to_mermaid(record)
+
+
+def test_counterfactual_lineage_reaches_its_raw_image(full_workspace: Path) -> None:
+    ws = Workspace.open(full_workspace)
+    cf = next(c for c in tables.read_rows(full_workspace / "data/counterfactual/counterfactuals.parquet")
+              if c["kind"] == "counterfactual_normal" and not c["excluded"])
+    record = lin.lineage(ws, cf["sample_id"])
+    assert record["kind"] == "derived_image"
+    parent = record["parent"]
+    assert parent["target"] == cf["parent_sample_id"]
+    assert parent["raw_file"] and (full_workspace / parent["raw_file"]).is_file()
+    assert any(d["sample_id"] == cf["sample_id"] for d in parent["derived"])
+
+
+def test_forced_rerun_leaves_provenance_and_outputs_identical(full_workspace: Path, tmp_path: Path) -> None:
+    ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
+    lock_before = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
+    prov_before = (ws.root / "data/counterfactual/provenance.json").read_bytes()
+    ws.dvc("repro", "--force", "--single-item", "counterfactual")
+    lock_after = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
+    assert lock_after["counterfactual"]["outs"] == lock_before["counterfactual"]["outs"]
+    assert (ws.root / "data/counterfactual/provenance.json").read_bytes() == prov_before
