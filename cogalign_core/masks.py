@@ -20,6 +20,7 @@ Coordinates: pixel frame of the stored image, origin top-left; boxes inclusive.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
@@ -128,6 +129,7 @@ class SampleTask:
     clinician_points: list[tuple[int, int, int]]
     clinician_mask_path: str | None
     params: dict[str, Any]
+    run_qc: bool = True  # also run the QC-only segmenters (in the seeded QC subset)
 
 
 @dataclass
@@ -204,7 +206,7 @@ def segment_sample_cpu(task: SampleTask) -> SampleMasks:
     if not out.prompts:
         return out
     params = MaskParams.model_validate(task.params)
-    for name in [n for n in _needed_segmenters(params, out.gt is not None) if n != "sam"]:
+    for name in [n for n in _needed_segmenters(params, out.gt is not None and task.run_qc) if n != "sam"]:
         try:
             result = build_segmenter(name, params).segment(image, out.prompts)
         except PromptNeedsBox as e:
@@ -354,14 +356,14 @@ def qc_report(rows: list[dict[str, Any]], params: MaskParams) -> dict[str, Any]:
     for row in rows:
         for s in row.get("segmenter_qc") or []:
             if s["dice_vs_gt"] is not None:
-                acc[row["dataset"]][s["segmenter"]].append(s)
-                acc["all"][s["segmenter"]].append(s)
+                item = {**s, "_sample_id": row["sample_id"]}
+                acc[row["dataset"]][s["segmenter"]].append(item)
+                acc["all"][s["segmenter"]].append(item)
     segmenters = sorted({params.segmenter, BASELINE, *params.qc_segmenters, "ground_truth"})
 
     def summarise(items: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        base = items.get(BASELINE, [])
-        base_dice = float(np.mean([s["dice_vs_gt"] for s in base])) if base else None
+        base_by_id = {s["_sample_id"]: s["dice_vs_gt"] for s in items.get(BASELINE, [])}
         for name in segmenters:
             if name == "ground_truth":
                 continue
@@ -370,10 +372,14 @@ def qc_report(rows: list[dict[str, Any]], params: MaskParams) -> dict[str, Any]:
                 return round(float(np.mean([s[key] for s in its])), 4) if its else None
 
             dice_gt = mean("dice_vs_gt")
+            # The baseline on exactly the same samples (QC segmenters may run on a subset).
+            paired = [base_by_id[s["_sample_id"]] for s in its if s["_sample_id"] in base_by_id]
+            base_dice = float(np.mean(paired)) if paired else None
             out[name] = {
                 "n": len(its), "mean_dice_vs_gt": dice_gt, "mean_iou_vs_gt": mean("iou_vs_gt"),
                 "mean_dice_vs_baseline": mean("dice_vs_baseline"), "mean_iou_vs_baseline": mean("iou_vs_baseline"),
                 "share_dice_below_0_5": round(float(np.mean([s["dice_vs_gt"] < 0.5 for s in its])), 4) if its else None,
+                "baseline_dice_same_samples": round(base_dice, 4) if base_dice is not None else None,
                 "dice_ratio_vs_baseline": round(dice_gt / base_dice, 4) if dice_gt is not None and base_dice else None,
             }
         return out
@@ -415,7 +421,21 @@ def build_tasks(workspace: Path, annotations: list[dict[str, Any]], clinician: d
             clinician_mask_path=str(workspace / c["mask_path"]) if c and c.get("mask_path") else None,
             params=dump,
         ))
+    for task in tasks:
+        task.run_qc = task.sample_id in _qc_subset([t.sample_id for t in tasks if t.gt_mask_path], params)
     return no_lesion, tasks
+
+
+def _qc_subset(sample_ids: list[str], params: MaskParams) -> set[str]:
+    """Ground-truth samples on which the QC-only segmenters run: all, or a seeded hash-ranked subset.
+
+    QC segmenters only measure (Dice vs ground truth and vs the ellipse baseline); a fixed-size
+    subset keeps GrabCut's cost bounded while the ranking (by salted hash) keeps it stable.
+    """
+    if params.qc_max_samples <= 0 or len(sample_ids) <= params.qc_max_samples:
+        return set(sample_ids)
+    ranked = sorted(sample_ids, key=lambda sid: hashlib.sha256(f"{params.seed}:{sid}".encode()).hexdigest())
+    return set(ranked[:params.qc_max_samples])
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
