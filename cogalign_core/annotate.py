@@ -39,6 +39,20 @@ def split_path(split: str) -> Path:
     return OUT_DIR / f"split_{split}.parquet"
 
 
+def write_annotation_tables(rows: list[dict[str, Any]], workspace: Path) -> None:
+    """Write ``annotations.parquet`` and one table per split (same schema).
+
+    Training stages depend on their split's file only, so adding an external test batch does not
+    make DVC retrain (image paths are content-addressed, so a split table changes exactly when
+    its images do).
+    """
+    out = Path(workspace) / OUT_DIR
+    tables.write_rows(rows, out / "annotations.parquet", tables.ANNOTATIONS, "annotations")
+    for split in tables.SPLITS:
+        tables.write_rows([r for r in rows if r["split"] == split], Path(workspace) / split_path(split),
+                          tables.ANNOTATIONS, "annotations")
+
+
 SAMPLES = Path("data/ingest/samples.parquet")
 # Components smaller than this fraction of the frame are mask noise, not lesions.
 MIN_COMPONENT_FRACTION = 0.0005
@@ -314,13 +328,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     rows, rejects = annotate_samples(samples, workspace, params, clinician)
     rejects = clinician_rejects + rejects
     out = workspace / OUT_DIR
-    tables.write_rows(rows, out / "annotations.parquet", tables.ANNOTATIONS, "annotations")
-    # One file per split as well: training stages depend on their split's file only, so adding an
-    # external test batch does not make DVC retrain (image paths are content-addressed, so a
-    # split table changes exactly when its images do).
-    for split in tables.SPLITS:
-        tables.write_rows([r for r in rows if r["split"] == split], out / split_path(split).name,
-                          tables.ANNOTATIONS, "annotations")
+    write_annotation_tables(rows, workspace)
     tables.write_rows(rejects, out / "rejects.parquet", tables.ANNOTATION_REJECTS, "annotation_rejects")
     unlabelled = sum(1 for r in rejects if r["source"] == "dataset_label")
     if len(rows) + unlabelled != len(samples):

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from cogalign_core import answer_format, metrics, tables, taxonomy
+from cogalign_core.annotate import write_annotation_tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.evaluate import EvaluateParams
 from cogalign_core.inpaint import OpenCVInpainter
@@ -102,7 +103,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken = _normal_row(ws, normals[4], "test")
     (ws / broken["image_path"]).write_bytes(b"\xff\xd8\xff truncated")
     rows.append(broken)
-    tables.write_rows(rows, ws / "data/annotate/annotations.parquet", tables.ANNOTATIONS, "annotations")
+    write_annotation_tables(rows, ws)
 
     inpainter = OpenCVInpainter("telea", 3)
     test_lesions = [r for r in rows if r["split"] == "test" and r["diagnosis"] == "polyp"]

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cogalign_core import answer_format, tables, taxonomy
+from cogalign_core import answer_format, taxonomy
 
 SAMPLE_PACKAGE = "cogalign_core.sample_data"
 IMAGES_DIR = Path("data/ingest/images")
@@ -92,11 +92,9 @@ def build_annotations(workspace: Path, n_lesion: int, n_normal: int) -> list[dic
         labels = {"location": "cecum", "morphology": taxonomy.NO_LESION, "microvascular": taxonomy.NOT_ASSESSABLE,
                   "diagnosis": taxonomy.NORMAL}
         rows.append(_row("s" + Path(rel).stem, "kvasir-v2", rel, image, labels, [], 0.0))
-    tables.write_rows([{k: v for k, v in r.items() if k != "_mask"} for r in rows],
-                      workspace / "data/annotate/annotations.parquet", tables.ANNOTATIONS, "annotations")
-    for split in tables.SPLITS:
-        tables.write_rows([r for r in rows if r["split"] == split], workspace / f"data/annotate/split_{split}.parquet",
-                          tables.ANNOTATIONS, "annotations")
+    from cogalign_core.annotate import write_annotation_tables
+
+    write_annotation_tables([{k: v for k, v in r.items() if k != "_mask"} for r in rows], workspace)
     return rows
 
 
