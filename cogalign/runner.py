@@ -71,9 +71,9 @@ def prepare_prefect_env(ws: Workspace) -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 
-def is_up_to_date(ws: Workspace) -> bool:
-    """True when ``dvc status`` reports no changed stage."""
-    out = ws.dvc("status", "--json")
+def is_up_to_date(ws: Workspace, until: str | None = None) -> bool:
+    """True when ``dvc status`` reports no changed stage (up to ``until`` and its upstream, if given)."""
+    out = ws.dvc("status", "--json", *(["--with-deps", until] if until else []))
     return (json.loads(out.stdout or "{}") or {}) == {}
 
 
@@ -102,7 +102,7 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         if overrides:
             apply_overrides(ws, overrides)
         ws.update_fingerprints()
-        if not (force or from_stage or until) and is_up_to_date(ws):
+        if not (force or from_stage) and is_up_to_date(ws, until):
             return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned)
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
