@@ -140,3 +140,16 @@ def test_forced_rerun_leaves_provenance_and_outputs_identical(full_workspace: Pa
     lock_after = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
     assert lock_after["counterfactual"]["outs"] == lock_before["counterfactual"]["outs"]
     assert (ws.root / "data/counterfactual/provenance.json").read_bytes() == prov_before
+
+
+def test_external_test_batch_retrains_nothing(full_workspace: Path, tmp_path: Path) -> None:
+    from cogalign.workspace import register
+    from tests.test_pipeline_spine import _new_batch
+
+    ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
+    register(ws, _new_batch(tmp_path / "external", n=4), role="test")
+    run_pipeline(ws.root, until="annotate")
+    ann = tables.read_rows(ws.root / "data/annotate/annotations.parquet")
+    assert sum(a["split"] == "external_test" for a in ann) == 4
+    stale = json.loads(ws.dvc("status", "--json", "base_model", "sft", "rl_no_cf", "rl").stdout)
+    assert stale == {}
