@@ -1,4 +1,10 @@
-"""Stage child processes: die with the parent, and clean up after a killed run (no Prefect import)."""
+"""Stage child processes: die with the parent, and clean up after a killed run (no Prefect import).
+
+A stage runs as ``python -m cogalign.processes -- dvc repro ...``: this module is the leader of the
+stage's process group. The kernel signals it when the run that started it dies (even by SIGKILL),
+and it then kills the whole group, so the stage command DVC started (a grandchild of the run,
+which ``PR_SET_PDEATHSIG`` alone would not reach) never outlives the run.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,30 @@ from pathlib import Path
 PID_FILE = Path(".cogalign/stage.pid")
 
 
-def die_with_parent() -> None:
-    """In the child, before exec: receive SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In the child, before exec: receive ``sig`` when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run ``cmd`` inside this process group; kill the whole group if our parent dies.
+
+    Must run as the group leader (started with ``start_new_session``). Returns ``cmd``'s exit code.
+    """
+    import subprocess
+
+    parent = os.getppid()
+
+    def kill_group(signum: int, frame: object) -> None:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, kill_group)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        kill_group(signal.SIGTERM, None)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL).wait()
 
 
 def group_members_in(pgid: int, workspace: Path) -> list[int]:
@@ -41,7 +67,7 @@ def group_members_in(pgid: int, workspace: Path) -> list[int]:
 def kill_stale_stage(workspace: Path) -> int | None:
     """End a stage process group left by a killed run (from the pid file); return its pgid.
 
-    The group leader is the ``dvc repro`` child; the stage command DVC started is in the same
+    The group leader is the supervisor of the ``dvc repro`` child; the stage command DVC started is in the same
     group, so ending the group releases DVC's lock.
     """
     pid_file = workspace / PID_FILE
@@ -58,3 +84,14 @@ def kill_stale_stage(workspace: Path) -> int | None:
             os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     return pgid if members else None
+
+
+if __name__ == "__main__":
+    import sys
+
+    argv = sys.argv[1:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        sys.exit("usage: python -m cogalign.processes -- COMMAND [ARGS...]")
+    sys.exit(supervise(argv))

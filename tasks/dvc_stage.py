@@ -35,9 +35,25 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, log_path: Path, tail: str) -> None:
         self.stage, self.returncode, self.log_path, self.tail = stage, returncode, log_path, tail
         self.transient = any(m in tail for m in TRANSIENT_MARKERS)
-        cause = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {returncode}"
+        cause = failure_cause(tail, returncode)
         super().__init__(f"stage {stage!r} failed ({'transient' if self.transient else 'permanent'}): {cause}. "
                          f"Full log: {log_path}")
+
+
+def failure_cause(log_text: str, returncode: int) -> str:
+    """The line that says why a stage failed: the stage's own exception, not DVC's generic last line.
+
+    DVC ends every failed stage's log with ``ERROR: failed to reproduce ...``; the stage's Python
+    traceback above it names the real cause (its final exception line).
+    """
+    lines = [line.rstrip() for line in log_text.splitlines() if line.strip()]
+    headers = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if headers:
+        for line in lines[headers[-1] + 1:]:
+            if not line.startswith((" ", "\t")):
+                return line
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}")
 
 
 @dataclass
@@ -54,7 +70,9 @@ def run_stage_process(workspace: Path, stage: str, devices: str, log_path: Path,
     """Run ``dvc repro --single-item STAGE``; return True when DVC actually ran the command."""
     env = dict(env)
     env["CUDA_VISIBLE_DEVICES"] = devices
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    # The supervisor leads the stage's process group and kills it when this process dies.
+    cmd = [sys.executable, "-m", "cogalign.processes", "--", sys.executable, "-m", "dvc", "repro",
+           "--single-item", stage]
     if force:
         cmd.append("--force")
     log_path.parent.mkdir(parents=True, exist_ok=True)
