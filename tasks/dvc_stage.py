@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cogalign.processes import PID_FILE, die_with_parent
-from cogalign.tasks.gpu import GpuAllocator
+from cogalign.tasks.gpu import SIMULATED_ENV, GpuAllocator
 
 # Substrings of a stage's stderr that mark a transient failure worth retrying.
 TRANSIENT_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "Unable to acquire lock", "is locked by",
@@ -70,6 +70,8 @@ def run_stage_process(workspace: Path, stage: str, devices: str, log_path: Path,
     """Run ``dvc repro --single-item STAGE``; return True when DVC actually ran the command."""
     env = dict(env)
     env["CUDA_VISIBLE_DEVICES"] = devices
+    # A stage that allocates (or launches accelerate) itself must see only its own slots too.
+    env[SIMULATED_ENV] = devices
     # The supervisor leads the stage's process group and kills it when this process dies.
     cmd = [sys.executable, "-m", "cogalign.processes", "--", sys.executable, "-m", "dvc", "repro",
            "--single-item", stage]
