@@ -4,6 +4,16 @@ Slots equal the GPUs this process may use (``CUDA_VISIBLE_DEVICES`` if set, else
 ``nvidia-smi -L`` lists); a stage asking for N GPUs waits for N free slots and its child process
 sees only those (``CUDA_VISIBLE_DEVICES`` in the child's environment alone). With no GPU every
 stage runs on the CPU (an empty ``CUDA_VISIBLE_DEVICES``).
+
+Stages declare their GPU count in ``dvc.yaml`` (``meta: {gpus: N}``). A multi-GPU training stage
+runs its command through ``accelerate launch`` with the recipe's config (``recipes/accelerate/``:
+ddp, fsdp, zero2, zero3) and one process per allocated GPU, e.g. for ``gpus: 4``::
+
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 4 \
+        -m cogalign_core.stage sft
+
+(:func:`accelerate_launch_command` builds that line). On a cluster, such a stage runs as its own
+deployment on a GPU work pool (see the workspace's ``prefect.yaml``).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -64,3 +75,16 @@ class GpuAllocator:
                 self._free.extend(taken)
                 self._free.sort(key=self.devices.index)
                 self._cond.notify_all()
+
+
+def accelerate_launch_command(config_file: str, devices: str, module: str, *args: str) -> list[str]:
+    """``accelerate launch`` argv for ``python -m module args`` on the allocated ``devices``.
+
+    One process per device id in ``devices`` (a ``CUDA_VISIBLE_DEVICES`` value); the config file's
+    own ``num_processes`` is overridden, so one recipe config serves any allocation size.
+    """
+    count = len([d for d in devices.split(",") if d.strip()])
+    if count == 0:
+        raise ValueError("accelerate launch needs at least one allocated GPU (devices is empty)")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+            "--num_processes", str(count), "-m", module, *args]
