@@ -15,10 +15,20 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DASK_ADDRESS_ENV = "COGALIGN_DASK_ADDRESS"
+# Per-machine override of every stage's ``workers`` param. Parallelism is an execution setting:
+# outputs never depend on it, so an operator can change it without touching params.yaml (which
+# would make DVC rerun the stages).
+WORKERS_ENV = "COGALIGN_WORKERS"
 
 
 def default_workers(requested: int = 0) -> int:
-    """``requested`` if positive, else the number of usable CPU cores."""
+    """Worker count: ``COGALIGN_WORKERS`` if set, else ``requested`` if positive, else usable CPU cores."""
+    override = os.environ.get(WORKERS_ENV, "").strip()
+    if override:
+        try:
+            requested = int(override)
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV} must be a whole number, got {override!r}") from None
     if requested > 0:
         return requested
     try:
@@ -31,8 +41,9 @@ def map_items(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, desc: 
               chunksize: int = 4) -> list[R]:
     """Apply ``fn`` to every item, in parallel, returning results in input order.
 
-    Backend: a Dask cluster when ``COGALIGN_DASK_ADDRESS`` is set (``local`` starts an in-process
-    local cluster), otherwise a process pool of :func:`default_workers` processes (serial when 1
+    Backend: a Dask cluster when ``COGALIGN_DASK_ADDRESS`` is set (``local`` starts a local cluster
+    of :func:`default_workers` single-threaded worker processes; ``tcp://host:8786`` uses a running
+    scheduler), otherwise a process pool of :func:`default_workers` processes (serial when 1
     worker or few items, to skip pool start-up). A progress bar is shown on stderr when ``desc``
     is given and stderr is a terminal.
     """
