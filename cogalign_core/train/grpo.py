@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from cogalign_core.config import PipelineParams
-from cogalign_core.io import atomic_dir, atomic_write_json
+from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 from cogalign_core.rewards import REWARDS
 from cogalign_core.train import base_model, data, modeling, sft
@@ -128,14 +128,7 @@ def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, 
     with tempfile.TemporaryDirectory(prefix="cogalign-grpo-") as tmp:
         trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log])
         trainer.train()
-    trained = trainer.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.lora.enabled:
-        with atomic_dir(out_dir / "adapter") as tmp_adapter:
-            trained.save_pretrained(tmp_adapter)
-        trained = trained.merge_and_unload()
-    with atomic_dir(out_dir / "model") as tmp_model:
-        modeling.save_model_and_processor(trained, processor, tmp_model)
+    modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
     write_log_csv(out_dir / "log.csv", log, log_columns(recipe), rename=csv_names(recipe))
     spread = log.series("reward_std")
     summary = {**counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,

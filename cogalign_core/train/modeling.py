@@ -160,6 +160,23 @@ def save_model_and_processor(model: PreTrainedModel, processor: ProcessorMixin, 
     processor.save_pretrained(out_dir)
 
 
+def save_trained(model: Any, processor: ProcessorMixin, out_dir: Path, lora: bool) -> Any:
+    """Save a trained model into ``out_dir``: ``adapter/`` (LoRA only) and the merged ``model/``.
+
+    Each directory appears atomically (complete or not at all). Returns the merged model.
+    """
+    from cogalign_core.io import atomic_dir
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if lora:
+        with atomic_dir(out_dir / "adapter") as tmp_adapter:
+            model.save_pretrained(tmp_adapter)
+        model = model.merge_and_unload()
+    with atomic_dir(out_dir / "model") as tmp_model:
+        save_model_and_processor(model, processor, tmp_model)
+    return model
+
+
 def count_image_tokens(canvas_size: int, patch_size: int, merge_size: int = 2) -> int:
     """Image tokens the language model sees per canvas."""
     return (canvas_size // (patch_size * merge_size)) ** 2

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from cogalign_core.config import PipelineParams
-from cogalign_core.io import atomic_dir, atomic_write_json
+from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 from cogalign_core.train import base_model, data, infer, modeling
 from cogalign_core.train.recipe import Recipe, load_recipe
@@ -125,14 +125,7 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, in
         trainer.train()
         if eval_ds is not None:
             trainer.evaluate()
-    trained = trainer.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.lora.enabled:
-        with atomic_dir(out_dir / "adapter") as tmp_adapter:
-            trained.save_pretrained(tmp_adapter)
-        trained = trained.merge_and_unload()
-    with atomic_dir(out_dir / "model") as tmp_model:
-        modeling.save_model_and_processor(trained, processor, tmp_model)
+    trained = modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
     write_log_csv(out_dir / "log.csv", log, LOG_COLUMNS)
     check = train[:PARSE_CHECK_SAMPLES]
     answers = infer.generate_answers(trained, processor, [r["image"] for r in train_ds.select(range(len(check)))],
