@@ -21,7 +21,7 @@ WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # unwrapped: log paths stay copyable
     raise typer.Exit(2)
 
 
@@ -81,6 +81,8 @@ def run(workspace: WorkspaceOpt = Path("."),
         force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False,
         no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False,
         wait: Annotated[bool, typer.Option(help="Wait for another run on this workspace instead of refusing.")] = False,
+        push: Annotated[bool, typer.Option(help="dvc push after a successful run (data/raw only if "
+                                                "privacy.push_raw).")] = False,
         set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Parameter override key.path=value.")] = None
         ) -> None:
     """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics."""
@@ -90,7 +92,7 @@ def run(workspace: WorkspaceOpt = Path("."),
 
     try:
         outcome = run_pipeline(workspace, until=until, from_stage=from_stage, force=force, commit=not no_commit,
-                               wait=wait, overrides=_parse_overrides(set_))
+                               wait=wait, overrides=_parse_overrides(set_), push=push)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     if outcome.cleaned:

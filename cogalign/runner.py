@@ -91,7 +91,7 @@ def clean_after_kill(ws: Workspace) -> list[str]:
 
 def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, from_stage: str | None = None,
                  force: bool = False, commit: bool = True, wait: bool = False,
-                 overrides: dict[str, str] | None = None) -> RunOutcome:
+                 overrides: dict[str, str] | None = None, push: bool = False) -> RunOutcome:
     """Run the pipeline once; see :func:`cogalign.flows.pipeline.end_to_end`."""
     ws = Workspace.open(workspace)
     if not ws.params.batches:
@@ -112,6 +112,10 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         revision = None
         if commit:
             revision = ws.commit(f"cogalign run {run_id}\n\nflow-run-id: {run_id}")
+        if push:
+            from cogalign.workspace import push as dvc_push
+
+            dvc_push(ws)
         outcome = RunOutcome(False, run_id, revision or ws.revision(), list(result["stages"]),
                              time.perf_counter() - start, cleaned)
         atomic_write_json(ws.root / RUNS_DIR / f"{run_id}.json", {

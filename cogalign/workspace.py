@@ -190,7 +190,7 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
     ws.dvc("add", "-q", rel)
     # `dvc add` leaves a copy in place; relink so the batch is stored once (cache.type links).
     ws.dvc("checkout", "-q", "--relink", f"{rel}.dvc")
-    _mark_no_push(ws.root / f"{rel}.dvc")
+    set_raw_push(ws.root / f"{rel}.dvc", ws.params.privacy.push_raw)
     params = ws.params
     params.batches.append(batch_id)
     ws.write_params(params)
@@ -199,9 +199,30 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
     return batch_id
 
 
-def _mark_no_push(dvc_file: Path) -> None:
-    """data/raw is the patient-data zone: its outputs carry ``push: false`` unless configured."""
+def set_raw_push(dvc_file: Path, allowed: bool) -> bool:
+    """data/raw is the patient-data zone: its outputs carry ``push: false`` unless ``privacy.push_raw``.
+
+    Returns True when the file changed.
+    """
     doc = yaml.safe_load(dvc_file.read_text())
+    changed = False
     for out in doc.get("outs", []):
-        out["push"] = False
-    atomic_write_text(dvc_file, yaml.safe_dump(doc, sort_keys=False))
+        if allowed and "push" in out:
+            del out["push"]
+            changed = True
+        elif not allowed and out.get("push") is not False:
+            out["push"] = False
+            changed = True
+    if changed:
+        atomic_write_text(dvc_file, yaml.safe_dump(doc, sort_keys=False))
+    return changed
+
+
+def push(ws: Workspace) -> str:
+    """``dvc push`` the workspace's outputs; raw batches only when ``privacy.push_raw`` allows it."""
+    allowed = ws.params.privacy.push_raw
+    changed = [str(f.relative_to(ws.root)) for f in sorted((ws.root / "data" / "raw").glob("*.dvc"))
+               if set_raw_push(f, allowed)]
+    if changed:
+        ws.commit(f"raw zone push {'allowed' if allowed else 'disabled'} (privacy.push_raw)", changed)
+    return ws.dvc("push").stdout.strip()

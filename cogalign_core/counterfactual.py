@@ -330,7 +330,7 @@ def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[
     accepted = [m for m in masks if m["status"] == "accepted" and m.get("mask_path")]
     centroids = {m["sample_id"]: (m["centroid_x"], m["centroid_y"]) for m in accepted
                  if m.get("centroid_x") is not None}
-    dump = params.model_dump(mode="json")
+    dump = params.model_dump(mode="json", exclude={"workers"})  # parallelism never shapes an output
     tasks = []
     for m in sorted(accepted, key=lambda r: r["sample_id"]):
         ann = annotations[m["sample_id"]]
@@ -393,5 +393,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     io.atomic_write_json(out_dir / "summary.json", {k: dict(sorted(v.items())) if isinstance(v, Counter) else v
                                                      for k, v in summary.items()})
     write_provenance(out_dir, STAGE, ws, [MASKS_PATH.as_posix(), ANNOTATIONS_PATH.as_posix()],
-                     cp.model_dump(mode="json"))
+                     cp.model_dump(mode="json", exclude={"workers"}))
     log.info("counterfactual: %s", summary)

@@ -619,7 +619,7 @@ def run_batch_stage(workspace: Path, params: PipelineParams, item: str | None) -
         tables.write_rows(duplicates, tmp / "duplicates.parquet", tables.DUPLICATES, "duplicates")
         atomic_write_json(tmp / "summary.json", _batch_summary(batch, plan, counts, records, quarantine, duplicates))
         write_provenance(tmp, "ingest_batch", ws, [f"{RAW_DIR.as_posix()}/{item}/batch.json"],
-                         {"ingest": cfg.model_dump(mode="json")}, extra={"batch_id": item})
+                         {"ingest": cfg.model_dump(mode="json", exclude={"workers"})}, extra={"batch_id": item})
 
 
 def _chunksize(n_tasks: int, workers: int) -> int:
@@ -791,4 +791,4 @@ def run_merge_stage(workspace: Path, params: PipelineParams, item: str | None = 
     }
     atomic_write_json(out / "summary.json", summary)
     write_provenance(out, "ingest", ws, inputs, {"batches": list(params.batches),
-                                                 "ingest": params.ingest.model_dump(mode="json")})
+                                                 "ingest": params.ingest.model_dump(mode="json", exclude={"workers"})})

@@ -477,7 +477,8 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
         raise AssertionError(f"mask stage lost samples: {summary}")
     io.atomic_write_json(out_dir / "summary.json", summary)
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([mp.clinician_prompts] if (ws / mp.clinician_prompts).exists() else [])
-    write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json"))
+    # Parallelism is not a fact about the output: leave it out so records match across machines.
+    write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json", exclude={"workers"}))
     log.info("masks: %s", summary)
 
 

@@ -120,3 +120,23 @@ def test_second_concurrent_run_is_refused(spine_workspace: Path, tmp_path: Path)
     ws = Workspace.open(root)
     with workspace_lock(ws), pytest.raises(WorkspaceError, match="another cogalign run"):
         run_pipeline(root, until="annotate")
+
+
+def test_push_sends_outputs_but_never_the_raw_zone(spine_workspace: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from cogalign.workspace import push
+
+    root = copy_workspace(spine_workspace, tmp_path / "ws")
+    ws = Workspace.open(root)
+    remote = tmp_path / "remote"
+    ws.dvc("remote", "modify", "local", "url", str(remote))
+    push(ws)
+    pushed = {p.name for p in remote.rglob("*") if p.is_file()}
+    assert pushed, "stage outputs reach the remote"
+    raw = yaml.safe_load((root / "data/raw/b0001.dvc").read_text())["outs"][0]
+    assert raw["push"] is False
+    # The raw batch's directory manifest (and its batch.json record) exist only in the raw zone.
+    assert raw["md5"][2:] not in pushed, "the raw batch was pushed"
+    batch_json = root / "data/raw/b0001/batch.json"
+    assert hashlib.md5(batch_json.read_bytes()).hexdigest()[2:] not in pushed
