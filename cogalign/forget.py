@@ -182,9 +182,9 @@ def _adjust_batch_counts(batch_root: Path, size: int) -> None:
 
 
 def _keep_no_push(ws: Workspace, batch: str) -> None:
-    from cogalign.workspace import _mark_no_push
+    from cogalign.workspace import set_raw_push
 
-    _mark_no_push(ws.root / "data" / "raw" / f"{batch}.dvc")
+    set_raw_push(ws.root / "data" / "raw" / f"{batch}.dvc", ws.params.privacy.push_raw)
 
 
 def _derived_ids(ws: Workspace, ids: set[str]) -> set[str]:
