@@ -40,6 +40,8 @@ def _redact(params: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(params))
     if isinstance(out.get("privacy"), dict) and "salt" in out["privacy"]:
         out["privacy"]["salt"] = REDACTED
+    if "privacy.salt" in out:  # dvc.lock records a dotted key when dvc.yaml names privacy.salt
+        out["privacy.salt"] = REDACTED
     return out
 
 

@@ -117,7 +117,13 @@ def test_sigkill_during_a_stage_then_resume_matches_an_uninterrupted_run(
             os.killpg(run.pid, signal.SIGKILL)
     # Stage processes end with the run (their supervisor got the parent-death signal).
     _wait(lambda: not _processes_in(ws), 15, "stage processes to end after the kill")
-    assert not (ws / "data/annotate/annotations.parquet").exists()  # no partial output published
+    # No partial output: whatever the stage published before the kill is a complete file (atomic
+    # renames); on a fast machine annotations.parquet may already be whole when the kill lands.
+    published = ws / "data/annotate/annotations.parquet"
+    if published.exists():
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(published).num_rows > 0
     assert (ws / PID_FILE).exists()  # the pid file survives a SIGKILL; the next start uses it
 
     resumed = _cli("run", "--workspace", str(ws), "--until", "annotate")

@@ -147,7 +147,7 @@ def test_external_test_batch_retrains_nothing(full_workspace: Path, tmp_path: Pa
     from tests.test_pipeline_spine import _new_batch
 
     ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
-    register(ws, _new_batch(tmp_path / "external", n=4), role="test")
+    register(ws, _new_batch(tmp_path / "external", n=4), role="test", dataset="kvasir-seg")
     run_pipeline(ws.root, until="annotate")
     ann = tables.read_rows(ws.root / "data/annotate/annotations.parquet")
     assert sum(a["split"] == "external_test" for a in ann) == 4
