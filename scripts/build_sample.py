@@ -27,6 +27,11 @@ NORMAL_COUNT = 60
 SEED = 20260320
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _resize(img: Image.Image, resample: int) -> Image.Image:
     w, h = img.size
     scale = MAX_SIDE / max(w, h)
@@ -63,7 +68,7 @@ def _boxes(mask: np.ndarray, min_area: int = 10) -> list[dict[str, int | str]]:
 
 
 def build_kvasir(src: Path, dst: Path, rng: random.Random) -> int:
-    rows = list(csv.DictReader(open(src / "metadata.csv", newline="")))
+    rows = _read_csv(src / "metadata.csv")
     groups: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         groups.setdefault(r["near_duplicate_group"] or r["id"], []).append(r)
@@ -91,8 +96,7 @@ def build_kvasir(src: Path, dst: Path, rng: random.Random) -> int:
 
 
 def build_cvc(src: Path, dst: Path) -> int:
-    rows = [r for r in csv.DictReader(open(src / "metadata.csv", newline=""))
-            if int(r["sequence"]) in CVC_SEQUENCES]
+    rows = [r for r in _read_csv(src / "metadata.csv") if int(r["sequence"]) in CVC_SEQUENCES]
     for r in rows:
         size = _save_jpeg(src / "images" / f"{r['frame']}.jpg", dst / "images" / f"{r['frame']}.jpg")
         _save_mask(src / "masks" / f"{r['frame']}.png", dst / "masks" / f"{r['frame']}.png", size)
@@ -104,7 +108,7 @@ def build_cvc(src: Path, dst: Path) -> int:
 
 
 def build_normals(src: Path, dst: Path, rng: random.Random) -> int:
-    rows = list(csv.DictReader(open(src / "manifest.csv", newline="")))
+    rows = _read_csv(src / "manifest.csv")
     groups: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         groups.setdefault(r["near_duplicate_group"] or r["file"], []).append(r)
