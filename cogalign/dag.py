@@ -45,37 +45,34 @@ def pipeline_stages(workspace: Path) -> list[StageNode]:
         ]
 
 
+def paths_overlap(a: str, b: str) -> bool:
+    """True when two workspace paths are equal or one contains the other (DVC's dep/out matching)."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _named(stages: list[StageNode], name: str) -> set[str]:
+    """Stages called ``name``, or the items of the foreach group ``name``."""
+    found = {s.name for s in stages if s.name == name or s.name.split("@", 1)[0] == name}
+    if not found:
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(sorted(s.name for s in stages))}")
+    return found
+
+
 def upstream_closure(stages: list[StageNode], target: str) -> list[StageNode]:
     """``target`` (a stage name, or a foreach group like ``ingest_batch``) and everything it needs."""
-    names = {s.name for s in stages}
-    wanted = {n for n in names if n == target or n.split("@", 1)[0] == target}
-    if not wanted:
-        raise KeyError(f"no stage {target!r}; stages: {', '.join(sorted(names))}")
-    produced_by = {o: s.name for s in stages for o in s.outs}
-    by_name = {s.name: s for s in stages}
-    todo = list(wanted)
-    while todo:
-        node = by_name[todo.pop()]
-        for dep in node.deps:
-            for out, producer in produced_by.items():
-                if (dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")) and producer not in wanted:
-                    wanted.add(producer)
-                    todo.append(producer)
+    wanted = _named(stages, target)
+    for s in reversed(stages):  # reverse topological order: one pass suffices
+        if s.name in wanted:
+            wanted |= {p.name for p in stages if any(paths_overlap(d, o) for d in s.deps for o in p.outs)}
     return [s for s in stages if s.name in wanted]
 
 
 def downstream_closure(stages: list[StageNode], start: str) -> list[StageNode]:
     """``start`` and every stage that (transitively) depends on it."""
-    names = {s.name for s in stages}
-    wanted = {n for n in names if n == start or n.split("@", 1)[0] == start}
-    if not wanted:
-        raise KeyError(f"no stage {start!r}; stages: {', '.join(sorted(names))}")
+    wanted = _named(stages, start)
+    outs = {o for s in stages if s.name in wanted for o in s.outs}
     for s in stages:  # topological order: one pass suffices
-        if s.name in wanted:
-            continue
-        for w in list(wanted):
-            outs = next(x for x in stages if x.name == w).outs
-            if any(d == o or d.startswith(o + "/") or o.startswith(d + "/") for d in s.deps for o in outs):
-                wanted.add(s.name)
-                break
+        if s.name not in wanted and any(paths_overlap(d, o) for d in s.deps for o in outs):
+            wanted.add(s.name)
+            outs.update(s.outs)
     return [s for s in stages if s.name in wanted]

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from cogalign.dag import paths_overlap
 from cogalign.workspace import Workspace, WorkspaceError
 from cogalign_core import tables
 from cogalign_core.privacy import salted_hash
@@ -29,10 +30,6 @@ def _lock(ws: Workspace) -> dict[str, Any]:
     if not path.exists():
         raise WorkspaceError(f"{path} does not exist: run the pipeline first (`cogalign run`)")
     return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
-
-
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 def _redact(params: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +62,7 @@ def stage_chain(lock: dict[str, Any], stage: str) -> list[str]:
         seen.add(name)
         for dep in lock[name].get("deps", []):
             for other, entry in lock.items():
-                if other != name and any(_overlaps(dep["path"], o["path"]) for o in entry.get("outs", [])):
+                if other != name and any(paths_overlap(dep["path"], o["path"]) for o in entry.get("outs", [])):
                     visit(other)
         order.append(name)
 
@@ -245,7 +242,8 @@ def to_mermaid(record: dict[str, Any]) -> str:
         for st in record["chain"]:
             for d in st["deps"]:
                 for other in record["chain"]:
-                    if other["stage"] != st["stage"] and any(_overlaps(d["path"], o["path"]) for o in other["outs"]):
+                    feeds = any(paths_overlap(d["path"], o["path"]) for o in other["outs"])
+                    if other["stage"] != st["stage"] and feeds:
                         lines.append(f"  {node(other['stage'])} --> {node(st['stage'])}")
         lines.append(f'  {node(record["target"])}(["{record["target"]}"])')
         lines.append(f"  {node(record['stage'])} --> {node(record['target'])}")

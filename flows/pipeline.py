@@ -9,20 +9,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from cogalign.dag import downstream_closure, pipeline_stages, upstream_closure
+from cogalign.dag import StageNode, downstream_closure, pipeline_stages, upstream_closure
 from cogalign.tasks.dvc_stage import dvc_stage
 from cogalign.workspace import Workspace
 
 
-def select_stages(workspace: Path, until: str | None = None, from_stage: str | None = None) -> list[str]:
+def select_stages(stages: list[StageNode], until: str | None = None, from_stage: str | None = None) -> list[str]:
     """Stage names to run: all, or the closure up to ``until`` / down from ``from_stage``."""
-    stages = pipeline_stages(workspace)
-    if until:
-        stages = upstream_closure(stages, until)
+    selected = upstream_closure(stages, until) if until else stages
     if from_stage:
-        keep = {s.name for s in downstream_closure(pipeline_stages(workspace), from_stage)}
-        stages = [s for s in stages if s.name in keep]
-    return [s.name for s in stages]
+        keep = {s.name for s in downstream_closure(stages, from_stage)}
+        selected = [s for s in selected if s.name in keep]
+    return [s.name for s in selected]
 
 
 @flow(name="cogalign-end-to-end", log_prints=True)
@@ -45,8 +43,9 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         ws.write_params(params)
     run_id = str(flow_run.get_id() or "local")
     log_dir = ws.root / ".cogalign" / "logs" / run_id
-    nodes = {n.name: n for n in pipeline_stages(ws.root)}
-    selected = select_stages(ws.root, until=until, from_stage=from_stage)
+    stages = pipeline_stages(ws.root)  # opening DVC's index costs about a second: once per run
+    nodes = {n.name: n for n in stages}
+    selected = select_stages(stages, until=until, from_stage=from_stage)
     forced = set(selected) if (force or from_stage) else set()
     results = []
     for name in selected:
