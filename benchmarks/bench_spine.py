@@ -10,6 +10,7 @@ and the ratio direct/orchestrated (1.0 = no overhead).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -28,15 +29,11 @@ def main() -> None:
         direct_ws = init_workspace(Path(tmp) / "direct", sample=True, salt="bench" * 8)
         params = load_params(direct_ws.root)
         start = time.perf_counter()
-        cwd = os.getcwd()
-        os.chdir(direct_ws.root)
-        try:
+        with contextlib.chdir(direct_ws.root):
             for batch in params.batches:
                 ingest.run_batch_stage(direct_ws.root, params, batch)
             ingest.run_merge_stage(direct_ws.root, params, None)
             annotate.run_stage(direct_ws.root, params, None)
-        finally:
-            os.chdir(cwd)
         direct = time.perf_counter() - start
 
         run_ws = init_workspace(Path(tmp) / "run", sample=True, salt="bench" * 8)

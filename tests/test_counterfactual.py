@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +16,8 @@ from tests.mask_workspace import build_workspace
 
 
 def _run(ws: Path, stage, params: PipelineParams | None = None) -> None:
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
+    with contextlib.chdir(ws):  # stages run with the workspace as cwd, as under DVC
         stage.run_stage(ws, params or PipelineParams(), None)
-    finally:
-        os.chdir(cwd)
 
 
 def _load(ws: Path, rel: str) -> np.ndarray:

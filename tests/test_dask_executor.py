@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -38,13 +39,9 @@ def test_workers_environment_overrides_the_params(monkeypatch: pytest.MonkeyPatc
 
 def _run_stages(ws: Path, params: PipelineParams) -> dict[str, str]:
     """Run masks then counterfactual in ``ws``; return {relative path: sha256} of their outputs."""
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
+    with contextlib.chdir(ws):  # stages run with the workspace as cwd, as under DVC
         masks.run_stage(ws, params, None)
         counterfactual.run_stage(ws, params, None)
-    finally:
-        os.chdir(cwd)
     out = {}
     for sub in ("data/masks", "data/counterfactual"):
         for p in sorted((ws / sub).rglob("*")):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +16,8 @@ from tests.mask_workspace import build_workspace, write_annotations
 
 
 def _run(ws: Path, params: PipelineParams | None = None) -> None:
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
+    with contextlib.chdir(ws):  # stages run with the workspace as cwd, as under DVC
         masks.run_stage(ws, params or PipelineParams(), None)
-    finally:
-        os.chdir(cwd)
 
 
 def test_mask_stage_outputs_and_qc(tmp_path: Path) -> None:

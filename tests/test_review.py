@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +16,8 @@ from tests.mask_workspace import build_workspace, write_annotations
 
 
 def _run_masks(ws: Path) -> None:
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
+    with contextlib.chdir(ws):  # stages run with the workspace as cwd, as under DVC
         masks.run_stage(ws, PipelineParams(), None)
-    finally:
-        os.chdir(cwd)
 
 
 def test_review_round_trip_csv_and_json(tmp_path: Path) -> None:
