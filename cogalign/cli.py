@@ -86,8 +86,8 @@ def run(workspace: WorkspaceOpt = Path("."),
         set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Parameter override key.path=value.")] = None
         ) -> None:
     """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics."""
+    from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
-    from cogalign.tasks.dvc_stage import StageFailed
     from cogalign.workspace import WorkspaceError
 
     try:
@@ -254,7 +254,7 @@ def retrain(drop: Annotated[Path, typer.Option("--drop", help="Drop folder where
         ws = Workspace.open(workspace)
         prepare_prefect_env(ws)
         from cogalign.flows.retrain import retrain as retrain_flow
-        from cogalign.tasks.dvc_stage import StageFailed
+        from cogalign.processes import StageFailed
 
         try:
             out = retrain_flow(str(ws.root), str(drop.resolve()), until=until)
@@ -286,8 +286,8 @@ def forget(sample_id: Annotated[str | None, typer.Argument(help="Sample id to re
            ) -> None:
     """Remove a sample (or a patient's samples) and everything derived from it; collect the DVC cache."""
     from cogalign.forget import forget as forget_samples
+    from cogalign.processes import StageFailed
     from cogalign.runner import prepare_prefect_env
-    from cogalign.tasks.dvc_stage import StageFailed
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
@@ -309,8 +309,8 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
              no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False
              ) -> None:
     """Evaluate the trained models (optionally on a new external test folder) and refresh the report."""
+    from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
-    from cogalign.tasks.dvc_stage import StageFailed
     from cogalign.workspace import Workspace, WorkspaceError, register
 
     try:

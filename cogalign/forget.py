@@ -38,13 +38,13 @@ from cogalign.retrain import (
     CHAMPION,
     CHAMPION_PREDICTIONS,
     FORGOTTEN,
-    LEDGER,
     content_digest,
     read_json,
     read_ledger,
+    write_ledger,
 )
 from cogalign.runner import run_pipeline, workspace_lock
-from cogalign.workspace import CLINICIAN_LABELS, Workspace, WorkspaceError
+from cogalign.workspace import CLINICIAN_LABELS, Workspace, WorkspaceError, track_raw_batch
 from cogalign_core import review, tables
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.privacy import salted_hash
@@ -165,9 +165,7 @@ def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, li
             _adjust_batch_counts(root, size)
         for rel in rels:
             _drop_metadata_rows(files_root, rel)
-        ws.dvc("add", "-q", f"data/raw/{batch}")
-        ws.dvc("checkout", "-q", "--relink", f"data/raw/{batch}.dvc")
-        _keep_no_push(ws, batch)
+        track_raw_batch(ws, batch, ws.params.privacy.push_raw)
     return removed, digests
 
 
@@ -179,12 +177,6 @@ def _adjust_batch_counts(batch_root: Path, size: int) -> None:
     entries["bytes"] = int(entries.get("bytes", size)) - size
     meta["forgotten_files"] = int(meta.get("forgotten_files", 0)) + 1
     atomic_write_json(meta_path, meta)
-
-
-def _keep_no_push(ws: Workspace, batch: str) -> None:
-    from cogalign.workspace import set_raw_push
-
-    set_raw_push(ws.root / "data" / "raw" / f"{batch}.dvc", ws.params.privacy.push_raw)
 
 
 def _derived_ids(ws: Workspace, ids: set[str]) -> set[str]:
@@ -240,11 +232,9 @@ def _drop_registry_rows(ws: Workspace, ids: set[str]) -> bool:
 
 def _last_locked_stage(ws: Workspace) -> str | None:
     """The last stage (DAG order) the workspace has run; the rerun goes up to it (None = all stages)."""
-    import yaml
-
     from cogalign.dag import pipeline_stages
 
-    lock = (yaml.safe_load((ws.root / "dvc.lock").read_text()) or {}).get("stages", {})
+    lock = ws.lock_stages()
     order = [s.name for s in pipeline_stages(ws.root)]
     ran = [n for n in order if n in lock]
     if not ran or ran[-1] == order[-1]:
@@ -271,9 +261,9 @@ def forget(workspace: str | os.PathLike[str], sample_id: str | None = None, pati
         _drop_registry_rows(ws, ids | derived)
         # The ledger forgets the content; the block list (keyed digests only) keeps it out of future batches.
         ledger = read_ledger(ws)
-        if any(d in ledger for d in digests):
-            ledger = {k: v for k, v in ledger.items() if k not in set(digests)}
-            atomic_write_json(ws.root / LEDGER, {"format": 1, "files": dict(sorted(ledger.items()))})
+        gone = set(digests)
+        if gone & ledger.keys():
+            write_ledger(ws, {k: v for k, v in ledger.items() if k not in gone})
         ws.commit(f"forget: {len(targets)} sample(s), {n_raw} raw file(s) removed")
     until = _last_locked_stage(ws)
     run = run_pipeline(ws.root, until=until, wait=True, commit=True) if rerun else None

@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cogalign.dag import paths_overlap
 from cogalign.workspace import Workspace, WorkspaceError
 from cogalign_core import tables
@@ -26,10 +24,10 @@ USES_COUNTERFACTUALS = {"rl", "evaluate"}
 
 
 def _lock(ws: Workspace) -> dict[str, Any]:
-    path = ws.root / "dvc.lock"
-    if not path.exists():
-        raise WorkspaceError(f"{path} does not exist: run the pipeline first (`cogalign run`)")
-    return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    lock = ws.lock_stages()
+    if not lock:
+        raise WorkspaceError(f"{ws.root / 'dvc.lock'} has no stage yet: run the pipeline first (`cogalign run`)")
+    return lock
 
 
 def _redact(params: dict[str, Any]) -> dict[str, Any]:

@@ -95,3 +95,35 @@ if __name__ == "__main__":
     if not argv:
         sys.exit("usage: python -m cogalign.processes -- COMMAND [ARGS...]")
     sys.exit(supervise(argv))
+
+
+# Substrings of a stage's stderr that mark a transient failure worth retrying.
+TRANSIENT_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "Unable to acquire lock", "is locked by",
+                     "Resource temporarily unavailable")
+
+
+def failure_cause(log_text: str, returncode: int) -> str:
+    """The line that says why a stage failed: the stage's own exception, not DVC's generic last line.
+
+    DVC ends every failed stage's log with ``ERROR: failed to reproduce ...``; the stage's Python
+    traceback above it names the real cause (its final exception line).
+    """
+    lines = [line.rstrip() for line in log_text.splitlines() if line.strip()]
+    headers = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if headers:
+        for line in lines[headers[-1] + 1:]:
+            if not line.startswith((" ", "\t")):
+                return line
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; ``transient`` says whether a retry may help."""
+
+    def __init__(self, stage: str, returncode: int, log_path: Path, tail: str) -> None:
+        self.stage, self.returncode, self.log_path, self.tail = stage, returncode, log_path, tail
+        self.transient = any(m in tail for m in TRANSIENT_MARKERS)
+        cause = failure_cause(tail, returncode)
+        super().__init__(f"stage {stage!r} failed ({'transient' if self.transient else 'permanent'}): {cause}. "
+                         f"Full log: {log_path}")

@@ -26,12 +26,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from cogalign.runner import is_up_to_date, run_pipeline, workspace_lock
 from cogalign.workspace import Workspace, WorkspaceError, register
@@ -92,6 +91,11 @@ def read_json(path: Path, default: Any) -> Any:
 def read_ledger(ws: Workspace) -> dict[str, str]:
     """Keyed content digest -> raw batch id of every drop-folder file taken so far."""
     return dict(read_json(ws.root / LEDGER, {"files": {}})["files"])
+
+
+def write_ledger(ws: Workspace, ledger: dict[str, str]) -> None:
+    """Write the drop ledger (the one place that knows its format)."""
+    atomic_write_json(ws.root / LEDGER, {"format": 1, "files": dict(sorted(ledger.items()))})
 
 
 def withdrawn_digests(ws: Workspace) -> set[str]:
@@ -170,7 +174,7 @@ def take_new_files(ws: Workspace, drop: Path) -> tuple[str | None, DropScan]:
                              message=f"retrain: {len(scan.new)} new files from the drop folder")
         ledger = read_ledger(ws)
         ledger.update({digest: batch for digest in scan.new.values()})
-        atomic_write_json(ws.root / LEDGER, {"format": 1, "files": dict(sorted(ledger.items()))})
+        write_ledger(ws, ledger)
         ws.commit(f"retrain: drop ledger records batch {batch}", [str(LEDGER)])
         return batch, scan
 
@@ -196,9 +200,8 @@ def prompt_key(row: dict[str, Any]) -> PromptKey:
     return (row["section"], row["condition"], row["parent_sample_id"], row["sample_id"])
 
 
-def _lock_md5(ws: Workspace, out_path: str) -> str | None:
-    lock = yaml.safe_load((ws.root / "dvc.lock").read_text()) or {}
-    for entry in (lock.get("stages") or {}).values():
+def _lock_md5(lock: dict[str, Any], out_path: str) -> str | None:
+    for entry in lock.values():
         for out in entry.get("outs", []):
             if out["path"] == out_path:
                 return out.get("md5")
@@ -218,11 +221,13 @@ def compact_lineage(ws: Workspace, target: str) -> dict[str, Any]:
     }
 
 
-def _summarise(ws: Workspace, rows: list[dict[str, Any]], metric_set: list[Any]) -> dict[str, Any]:
-    params = ws.params
+def _summariser(ws: Workspace, metric_set: list[Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Metric summary of prediction rows with the evaluation's baselines (read once, applied to each model)."""
+    ev = ws.params.evaluate
     train = [a for a in tables.read_rows(ws.root / ANNOTATIONS) if a["split"] == "train"]
-    return metrics.summarise(rows, metrics.majority_answer(train), params.evaluate.constant_answer,
-                             params.evaluate.bootstrap_resamples, params.evaluate.seed, metrics=metric_set)
+    majority = metrics.majority_answer(train)
+    return lambda rows: metrics.summarise(rows, majority, ev.constant_answer, ev.bootstrap_resamples, ev.seed,
+                                          metrics=metric_set)
 
 
 def compare_with_champion(ws: Workspace) -> dict[str, Any]:
@@ -248,14 +253,16 @@ def compare_with_champion(ws: Workspace) -> dict[str, Any]:
     ch_all = _metric_rows(challenger_rows)
     # One metric list (macro-F1 class set) for both models, so their values are comparable.
     metric_set = metrics.standard_metrics([*ch_all, *_metric_rows(champion_rows)])
-    challenger_metrics = _summarise(ws, ch_all, metric_set)
+    lock = ws.lock_stages()
+    summarise = _summariser(ws, metric_set)
+    challenger_metrics = summarise(ch_all)
     record: dict[str, Any] = {
         "section": p.section, "gate": p.model_dump(mode="json"),
         "comparison": {"champion_prompts": len(champion_rows), "challenger_prompts": len(challenger_rows),
                        "common_prompts": len(common)},
         "challenger": {"model": p.candidate, "revision": ws.revision(),
-                       "model_md5": _lock_md5(ws, f"data/{p.candidate}"),
-                       "evaluation_md5": _lock_md5(ws, "data/evaluate"),
+                       "model_md5": _lock_md5(lock, f"data/{p.candidate}"),
+                       "evaluation_md5": _lock_md5(lock, "data/evaluate"),
                        "metrics_all_prompts": challenger_metrics,
                        "lineage": compact_lineage(ws, f"data/{p.candidate}/model")},
         "champion": None,
@@ -269,8 +276,8 @@ def compare_with_champion(ws: Workspace) -> dict[str, Any]:
                                   decision.checks)
         record["champion"] = {**champion, "metrics_common_prompts": None}
     else:
-        champion_metrics = _summarise(ws, cp_common, metric_set)
-        challenger_common = _summarise(ws, ch_common, metric_set)
+        champion_metrics = summarise(cp_common)
+        challenger_common = summarise(ch_common)
         decision = decide(champion_metrics, challenger_common, p)
         record["champion"] = {**champion, "metrics_common_prompts": champion_metrics}
         record["challenger"]["metrics_common_prompts"] = challenger_common
@@ -348,7 +355,8 @@ def retrain_once(workspace: str | os.PathLike[str], drop_folder: str | os.PathLi
     ws = Workspace.open(workspace)
     batch, scan = take_new_files(ws, Path(drop_folder).resolve())
     outcome = RetrainOutcome(noop=False, batch=batch, drop=scan.summary())
-    if batch is None and _up_to_date(ws, until):
+    ws.update_fingerprints()  # a code upgrade alone is new work too
+    if batch is None and is_up_to_date(ws, until):
         outcome.noop = True
         outcome.note = "no new files in the drop folder and the pipeline is up to date"
         outcome.seconds = time.perf_counter() - start
@@ -367,17 +375,6 @@ def retrain_once(workspace: str | os.PathLike[str], drop_folder: str | os.PathLi
         "flow_run_id": run.flow_run_id})
     outcome.seconds = time.perf_counter() - start
     return outcome
-
-
-def _up_to_date(ws: Workspace, until: str | None) -> bool:
-    """DVC's view: nothing stale (up to ``until`` and what it needs, when given)."""
-    if until is None:
-        return is_up_to_date(ws)
-    from cogalign.dag import pipeline_stages, upstream_closure
-
-    names = [s.name for s in upstream_closure(pipeline_stages(ws.root), until)]
-    out = ws.dvc("status", "--json", *names)
-    return (json.loads(out.stdout or "{}") or {}) == {}
 
 
 def decide_and_record(ws: Workspace, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -102,6 +103,11 @@ class Workspace:
         self.git("commit", "-q", "-m", message)
         return self.git("rev-parse", "HEAD").stdout.strip()
 
+    def lock_stages(self) -> dict[str, Any]:
+        """``dvc.lock``'s stage entries (empty before the first run)."""
+        path = self.root / "dvc.lock"
+        return (yaml.safe_load(path.read_text()) or {}).get("stages") or {} if path.exists() else {}
+
     def revision(self) -> str | None:
         out = self.git("rev-parse", "HEAD", check=False)
         return out.stdout.strip() if out.returncode == 0 else None
@@ -187,16 +193,22 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
         shutil.rmtree(raw_root / batch_id, ignore_errors=True)
         raise WorkspaceError(str(exc)) from exc
     rel = f"data/raw/{batch_id}"
-    ws.dvc("add", "-q", rel)
-    # `dvc add` leaves a copy in place; relink so the batch is stored once (cache.type links).
-    ws.dvc("checkout", "-q", "--relink", f"{rel}.dvc")
-    set_raw_push(ws.root / f"{rel}.dvc", ws.params.privacy.push_raw)
     params = ws.params
+    track_raw_batch(ws, batch_id, params.privacy.push_raw)
     params.batches.append(batch_id)
     ws.write_params(params)
     ws.commit(message or f"register raw batch {batch_id} ({role})",
               [f"{rel}.dvc", "data/raw/.gitignore", PARAMS_FILE])
     return batch_id
+
+
+def track_raw_batch(ws: Workspace, batch_id: str, push_allowed: bool) -> None:
+    """``dvc add`` a raw batch, relinked from the cache, with its push flag set (patient-data zone)."""
+    rel = f"data/raw/{batch_id}"
+    ws.dvc("add", "-q", rel)
+    # `dvc add` leaves a copy in place; relink so the batch is stored once (cache.type links).
+    ws.dvc("checkout", "-q", "--relink", f"{rel}.dvc")
+    set_raw_push(ws.root / f"{rel}.dvc", push_allowed)
 
 
 def set_raw_push(dvc_file: Path, allowed: bool) -> bool:

@@ -37,7 +37,6 @@ class StageSpec:
 
     entry: str
     modules: tuple[str, ...] = field(default_factory=tuple)
-    gpus: int = 0
 
 
 _TRAIN = ("cogalign_core.train", "cogalign_core.recipes", "cogalign_core.canvas", "cogalign_core.rewards",
@@ -54,17 +53,17 @@ STAGES: dict[str, StageSpec] = {
                           ("cogalign_core.annotate", "cogalign_core.config.annotate")),
     "masks": StageSpec("cogalign_core.masks:run_stage",
                        ("cogalign_core.masks", "cogalign_core.segmenters", "cogalign_core.review",
-                        "cogalign_core.executor", "cogalign_core.config.masks"), gpus=1),
+                        "cogalign_core.executor", "cogalign_core.config.masks")),
     "counterfactual": StageSpec("cogalign_core.counterfactual:run_stage",
                                 ("cogalign_core.counterfactual", "cogalign_core.inpaint", "cogalign_core.fov",
                                  "cogalign_core.executor", "cogalign_core.config.counterfactual")),
     "base_model": StageSpec("cogalign_core.train.base_model:run_stage", _TRAIN),
-    "sft": StageSpec("cogalign_core.train.sft:run_stage", _TRAIN, gpus=1),
-    "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", _TRAIN, gpus=1),
-    "rl": StageSpec("cogalign_core.train.grpo:run_stage", _TRAIN, gpus=1),
+    "sft": StageSpec("cogalign_core.train.sft:run_stage", _TRAIN),
+    "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", _TRAIN),
+    "rl": StageSpec("cogalign_core.train.grpo:run_stage", _TRAIN),
     "evaluate": StageSpec("cogalign_core.evaluate:run_stage",
                           ("cogalign_core.evaluate", "cogalign_core.metrics", "cogalign_core.report",
-                           "cogalign_core.config.evaluate", *_TRAIN), gpus=1),
+                           "cogalign_core.config.evaluate", *_TRAIN)),
 }
 
 

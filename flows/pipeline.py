@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -66,7 +65,7 @@ def _artifact_key(name: str) -> str:
 
 def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], result: dict[str, object]) -> None:
     """Markdown artifact: what ran, on which device, output hashes (dvc.lock) and the stage's counts."""
-    lock = _lock_entry(ws.root, name)
+    lock = ws.lock_stages().get(name, {})
     lines = [f"### {name}", "", f"- status: {'ran' if result['ran'] else 'up to date'}",
              f"- seconds: {result['seconds']}", f"- devices: {result['devices']}", "", "| output | md5 |",
              "| --- | --- |"]
@@ -98,13 +97,3 @@ def _publish_evaluation(ws: Workspace) -> None:
     report = ws.root / "data" / "evaluate" / "report.html"
     create_markdown_artifact(key="evaluation-report",
                              markdown=f"Evaluation report: [{report}](file://{report})", description="report link")
-
-
-def _lock_entry(root: Path, name: str) -> dict[str, object]:
-    import yaml
-
-    lock_path = root / "dvc.lock"
-    if not lock_path.exists():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    return (lock.get("stages") or {}).get(name, {})

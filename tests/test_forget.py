@@ -131,16 +131,15 @@ def test_forgotten_content_is_never_taken_again_from_a_drop(forgotten_ws: tuple[
 def _pixel_files_known(root: Path, target: dict) -> set[str]:
     """sha256 of the bundled sample image whose stored copy was the target (matched via the sample's stem)."""
     src = Path(__file__).resolve().parents[1] / "data/sample/kvasir-seg/images"
-    from cogalign.workspace import Workspace as W
     from cogalign_core.privacy import salted_hash
 
-    salt = W.open(root).params.privacy.salt
+    salt = Workspace.open(root).params.privacy.salt
     return {hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.jpg")
             if salted_hash(f"kvasir-seg/images/{p.name}", salt) == target["name_hash"]}
 
 
 def test_forget_patient_and_bad_arguments(spine_workspace: Path, tmp_path: Path) -> None:
-    from cogalign.forget import forget, resolve_samples
+    from cogalign.forget import resolve_samples
 
     ws = Workspace.open(spine_workspace)
     with pytest.raises(WorkspaceError, match="exactly one"):
@@ -153,4 +152,3 @@ def test_forget_patient_and_bad_arguments(spine_workspace: Path, tmp_path: Path)
     seq = resolve_samples(ws, None, "3")
     assert len(seq) >= 2 and {s["dataset"] for s in seq} == {"cvc-clinicdb"}
     assert len({s["group_id_hash"] for s in seq}) == 1
-    del forget  # exercised end to end by the CLI fixture above

@@ -38,10 +38,11 @@ def test_second_run_is_up_to_date(spine_workspace: Path, tmp_path: Path) -> None
 
 def test_dvc_dag_and_stage_order(spine_workspace: Path) -> None:
     ws = Workspace.open(spine_workspace)
-    names = [s.name for s in pipeline_stages(ws.root)]
+    stages = pipeline_stages(ws.root)
+    names = [s.name for s in stages]
     assert names[:3] == ["ingest_batch@b0001", "ingest", "annotate"]
     assert names.index("masks") < names.index("counterfactual") < names.index("rl") < names.index("evaluate")
-    assert [s.name for s in upstream_closure(pipeline_stages(ws.root), "annotate")] == names[:3]
+    assert [s.name for s in upstream_closure(stages, "annotate")] == names[:3]
     dag = ws.dvc("dag").stdout
     for stage in ("ingest_batch@b0001", "annotate", "sft", "rl_no_cf", "evaluate"):
         assert stage in dag
