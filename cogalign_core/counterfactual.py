@@ -48,6 +48,7 @@ from cogalign_core.fov import dark_border, estimate_fov
 from cogalign_core.inpaint import build_inpainter
 from cogalign_core.provenance import write_provenance
 from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
+from cogalign_core.segmenters.quality import touches_border
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,8 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
     fill_fraction = float(fill.mean())
     if fill_fraction > params.max_area_fraction:
         return excluded("mask_too_large", {"margin_px": margin, "fill_area_fraction": fill_fraction})
-    border = fill[0].any() or fill[-1].any() or fill[:, 0].any() or fill[:, -1].any() or \
-        (fill & dark_border(image, params.fov.dark_threshold)).any()
+    outside = dark_border(image, params.fov.dark_threshold)
+    border = touches_border(fill) or bool((fill & outside).any())
     if params.exclude_border_lesions and border:
         return excluded("lesion_touches_border", {"margin_px": margin, "fill_area_fraction": fill_fraction})
     gt_inside = None
@@ -273,7 +274,7 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
         return excluded("gt_outside_fill", {**common, "fill_area_fraction": fill_fraction})
 
     inpainter = build_inpainter(params.inpainter, params.inpaint_radius)
-    fov = estimate_fov(image, params.fov)
+    fov = estimate_fov(image, params.fov, outside=outside)
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
     rng = np.random.default_rng([params.seed, int(io.sha256_bytes(task.sample_id.encode())[:12], 16)])
     control = place_control(fill, fov, lab, task.candidates, params, rng) if params.make_control else None
@@ -331,10 +332,11 @@ def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[
     centroids = {m["sample_id"]: (m["centroid_x"], m["centroid_y"]) for m in accepted
                  if m.get("centroid_x") is not None}
     dump = params.model_dump(mode="json", exclude={"workers"})  # parallelism never shapes an output
+    ordered = sorted(centroids.items())
     tasks = []
     for m in sorted(accepted, key=lambda r: r["sample_id"]):
         ann = annotations[m["sample_id"]]
-        others = [c for sid, c in sorted(centroids.items()) if sid != m["sample_id"]]
+        others = [c for sid, c in ordered if sid != m["sample_id"]]
         order = np.random.default_rng([params.seed, len(tasks)]).permutation(len(others)) if others else []
         tasks.append(ParentTask(
             workspace=str(workspace), sample_id=m["sample_id"], dataset=ann["dataset"], split=ann["split"],
@@ -366,9 +368,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     rows.sort(key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
     keep = {r[k] for r in rows for k in ("image_path", "fill_mask_path") if r.get(k)}
     for sub in ("images", "fill_masks"):
-        for png in (out_dir / sub).glob("??/*.png"):
-            if png.relative_to(ws).as_posix() not in keep:
-                png.unlink()
+        io.prune_unreferenced(out_dir / sub, keep, ws)
     tables.write_rows(rows, out_dir / TABLE_FILE, COUNTERFACTUALS, "counterfactuals")
     # Per-split copies: training stages depend on their split only (paths are content-addressed,
     # so a split's table changes exactly when its images do).

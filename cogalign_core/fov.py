@@ -44,11 +44,16 @@ def overlay_pixels(image: np.ndarray, params: FovParams) -> np.ndarray:
     return (overlay > 0) & band
 
 
-def estimate_fov(image: np.ndarray, params: FovParams | None = None) -> np.ndarray:
-    """Bool ``(H, W)`` field-of-view mask of an RGB ``(H, W, 3)`` uint8 frame (True = usable mucosa)."""
+def estimate_fov(image: np.ndarray, params: FovParams | None = None, outside: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Bool ``(H, W)`` field-of-view mask of an RGB ``(H, W, 3)`` uint8 frame (True = usable mucosa).
+
+    ``outside`` is :func:`dark_border` of the frame when the caller already has it.
+    """
     params = params or FovParams()
     h, w = image.shape[:2]
-    outside = dark_border(image, params.dark_threshold)
+    if outside is None:
+        outside = dark_border(image, params.dark_threshold)
     overlay = overlay_pixels(image, params)
     if params.overlay_dilate_px > 0 and overlay.any():
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * params.overlay_dilate_px + 1,) * 2)

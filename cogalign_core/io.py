@@ -108,6 +108,18 @@ def store_content_addressed(root: str | os.PathLike[str], data: bytes, suffix: s
     return path, digest
 
 
+def prune_unreferenced(root: str | os.PathLike[str], keep: set[str], workspace: str | os.PathLike[str]) -> None:
+    """Delete content-addressed files under ``root/<h2>/`` that ``keep`` (workspace-relative paths)
+    does not name, and the prefix folders left empty, so a stage's outputs are exactly this run's."""
+    base, ws = Path(root), Path(workspace)
+    for path in base.glob("??/*"):
+        if path.is_file() and path.relative_to(ws).as_posix() not in keep:
+            path.unlink()
+    for folder in base.glob("??"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def remove_stale_temps(root: str | os.PathLike[str]) -> list[Path]:
     """Delete temp files/dirs left by a killed writer under ``root``; return what was removed."""
     removed: list[Path] = []

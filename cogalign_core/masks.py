@@ -227,7 +227,7 @@ def _needed_segmenters(params: MaskParams, has_gt: bool) -> list[str]:
 def _sam_pass(workspace: Path, params: MaskParams, tasks: list[SampleTask], results: list[SampleMasks]) -> None:
     """Run SAM (one model, batched) in this process for the samples that need it."""
     todo = [(t, r) for t, r in zip(tasks, results, strict=True)
-            if r.prompts and r.shape is not None and "sam" in _needed_segmenters(params, r.gt is not None)]
+            if r.prompts and "sam" in _needed_segmenters(params, r.gt is not None and t.run_qc)]
     if not todo:
         return
     segmenter = build_segmenter("sam", params, workspace)  # raises naming masks.sam.checkpoint
@@ -421,8 +421,9 @@ def build_tasks(workspace: Path, annotations: list[dict[str, Any]], clinician: d
             clinician_mask_path=str(workspace / c["mask_path"]) if c and c.get("mask_path") else None,
             params=dump,
         ))
+    subset = _qc_subset([t.sample_id for t in tasks if t.gt_mask_path], params)
     for task in tasks:
-        task.run_qc = task.sample_id in _qc_subset([t.sample_id for t in tasks if t.gt_mask_path], params)
+        task.run_qc = task.sample_id in subset
     return no_lesion, tasks
 
 
@@ -463,7 +464,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
                      "status": "no_lesion", "n_prompts": 0, "prompt_json": "[]", "segmenter_qc": []})
     rows.sort(key=lambda r: r["sample_id"])
     review.sort(key=lambda r: r["sample_id"])
-    _prune_unreferenced(out_dir, {r["mask_path"] for r in rows if r.get("mask_path")}, ws)
+    io.prune_unreferenced(out_dir, {r["mask_path"] for r in rows if r.get("mask_path")}, ws)
     tables.write_rows(rows, out_dir / MASKS_FILE, MASKS, "masks")
     tables.write_rows(review, out_dir / REVIEW_FILE, REVIEW, "mask_review")
     report = qc_report(rows, mp)
@@ -480,13 +481,3 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     # Parallelism is not a fact about the output: leave it out so records match across machines.
     write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json", exclude={"workers"}))
     log.info("masks: %s", summary)
-
-
-def _prune_unreferenced(out_dir: Path, keep: set[str], workspace: Path) -> None:
-    """Delete mask PNGs of earlier runs that no row references (outputs = exactly this run's)."""
-    for png in out_dir.glob("??/*.png"):
-        if png.relative_to(workspace).as_posix() not in keep:
-            png.unlink()
-    for d in out_dir.glob("??"):
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
