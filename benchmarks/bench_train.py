@@ -1,10 +1,13 @@
-"""Our SFT and GRPO steps on the tiny model vs TRL's trainers driven directly, same model/data/settings.
+"""Our SFT and GRPO training vs TRL's trainers driven directly, same model/data/settings.
 
-"Ours" is :func:`cogalign_core.train.sft.build_trainer` / :func:`cogalign_core.train.grpo.build_trainer`
-built from the tiny recipe; "TRL" is ``SFTTrainer`` / ``GRPOTrainer`` constructed here by hand with
-the same hyper-parameters, the same model weights and the same dataset. Each side trains
-``--steps`` steps ``--repeats`` times, alternating, and the best wall time per side counts.
-Ratio = TRL time / our time (>= 0.95: our wrapping adds nothing measurable).
+"Ours" is what the stages do: :func:`cogalign_core.train.sft.build_trainer` /
+:func:`cogalign_core.train.grpo.build_trainer` from the tiny recipe with the stage's per-step log
+callback (:class:`cogalign_core.train.trainlog.StepLog`). "TRL" is a bare ``SFTTrainer`` /
+``GRPOTrainer`` given the same ``SFTConfig``/``GRPOConfig`` (built by the recipe's config functions,
+so the settings cannot drift apart), the same weights with the same frozen vision tower, the same
+dataset and reward functions, and no callback. The clock covers trainer construction and
+``--steps`` training steps on both sides; each side runs ``--repeats`` times, alternating, and the
+best time counts. Ratio = TRL time / our time (>= 0.95: our wrapping adds nothing measurable).
 
     python benchmarks/bench_train.py [--steps 10] [--grpo-steps 3] [--repeats 2]
 """
@@ -15,20 +18,25 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import GRPOTrainer, SFTTrainer
 
 from cogalign_core.config import PipelineParams
 from cogalign_core.train import base_model, data, grpo, modeling, sample_tables, sft
 from cogalign_core.train.recipe import load_recipe
+from cogalign_core.train.trainlog import StepLog
 
 
-def _timed(trainer) -> float:
+def _timed(build: Callable[[], Any]) -> float:
+    """Seconds to construct a trainer and train it."""
     start = time.perf_counter()
-    trainer.train()
+    build().train()
     return time.perf_counter() - start
 
 
@@ -42,19 +50,12 @@ def bench_sft(ws: Path, steps: int, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             model, proc = modeling.load_model_and_processor(model_dir)
-            ours.append(_timed(sft.build_trainer(model, proc, ds, None, recipe, tmp, steps)))
+            ours.append(_timed(partial(sft.build_trainer, model, proc, ds, None, recipe, tmp, steps,
+                                       callbacks=[StepLog()])))
             model, proc = modeling.load_model_and_processor(model_dir)
-            for name, p in model.named_parameters():  # same frozen vision tower as the recipe
-                if ".visual." in f".{name}":
-                    p.requires_grad_(False)
-            t = recipe.train
-            args = SFTConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=t.per_device_batch_size,
-                             learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
-                             warmup_steps=t.warmup_steps, seed=t.seed, data_seed=t.seed, logging_steps=1,
-                             gradient_checkpointing=False, bf16=t.bf16, completion_only_loss=True, save_strategy="no",
-                             report_to="none", disable_tqdm=True, remove_unused_columns=False,
-                             dataset_kwargs={"skip_prepare_dataset": True})
-            trl.append(_timed(SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=proc)))
+            sft.freeze_vision_tower(model)  # what the recipe asks for, done by hand
+            args = sft.sft_config(recipe, tmp, steps, do_eval=False)
+            trl.append(_timed(partial(SFTTrainer, model=model, args=args, train_dataset=ds, processing_class=proc)))
     return min(ours), min(trl)
 
 
@@ -63,27 +64,17 @@ def bench_grpo(ws: Path, steps: int, repeats: int) -> tuple[float, float]:
     examples, _ = grpo.grpo_examples(ws, recipe)
     ds = data.to_dataset(examples, ws, base_model.canvas_spec(recipe), with_completion=False)
     model_dir = ws / sft.OUT_DIR / "model"
-    funcs, weights = grpo.reward_functions(recipe)
+    funcs, _ = grpo.reward_functions(recipe)
     ours, trl = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             model, proc = modeling.load_model_and_processor(model_dir)
-            ours.append(_timed(grpo.build_trainer(model, proc, ds, recipe, tmp, steps)))
+            ours.append(_timed(partial(grpo.build_trainer, model, proc, ds, recipe, tmp, steps, callbacks=[StepLog()])))
             model, proc = modeling.load_model_and_processor(model_dir)
-            for name, p in model.named_parameters():
-                if ".visual." in f".{name}":
-                    p.requires_grad_(False)
-            t, g = recipe.train, recipe.grpo
-            assert g is not None
-            args = GRPOConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=t.per_device_batch_size,
-                              learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, seed=t.seed,
-                              data_seed=t.seed, logging_steps=1, num_generations=g.num_generations, beta=g.beta,
-                              temperature=g.temperature, top_p=g.top_p,
-                              max_completion_length=g.max_completion_length, reward_weights=weights,
-                              loss_type=g.loss_type, save_strategy="no", report_to="none", disable_tqdm=True,
-                              remove_unused_columns=False, gradient_checkpointing=False, bf16=t.bf16)
-            trl.append(_timed(GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds,
-                                          processing_class=proc)))
+            sft.freeze_vision_tower(model)
+            args = grpo.grpo_config(recipe, tmp, steps)
+            trl.append(_timed(partial(GRPOTrainer, model=model, reward_funcs=funcs, args=args, train_dataset=ds,
+                                      processing_class=proc)))
     return min(ours), min(trl)
 
 
