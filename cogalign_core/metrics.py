@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from cogalign_core import answer_format, taxonomy
+from cogalign_core.canvas import union_box
+from cogalign_core.rewards import box_iou
 
 Row = Mapping[str, Any]
-Box = tuple[int, int, int, int]
 
 LESION = "lesion"
 NORMAL = "normal"
@@ -53,15 +54,6 @@ UNPARSED = "<unparsed>"
 # --------------------------------------------------------------------------------------------
 # Per-row scoring
 # --------------------------------------------------------------------------------------------
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same frame (x2 > x1, y2 > y1)."""
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
 
 def score_row(row: Row) -> dict[str, Any]:
     """Parse ``row["completion"]`` and return a copy with parsed fields and correctness added.
@@ -88,8 +80,7 @@ def score_row(row: Row) -> dict[str, Any]:
     gold_boxes = [tuple(g) for g in row.get("gold_boxes") or []]
     if grounding and gold_boxes:
         # Training targets the union box of all lesions; a box around any single lesion is also fair.
-        union = (min(g[0] for g in gold_boxes), min(g[1] for g in gold_boxes),
-                 max(g[2] for g in gold_boxes), max(g[3] for g in gold_boxes))
+        union = union_box(gold_boxes)
         box = parsed.box
         out["box_iou"] = max(box_iou(box, g) for g in [*gold_boxes, union]) if box else 0.0
     else:

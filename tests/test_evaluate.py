@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -17,6 +16,7 @@ from cogalign_core import answer_format, metrics, tables, taxonomy
 from cogalign_core.annotate import write_annotation_tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.evaluate import EvaluateParams
+from cogalign_core.counterfactual import COUNTERFACTUALS
 from cogalign_core.inpaint import OpenCVInpainter
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -24,11 +24,6 @@ NA = taxonomy.NOT_ASSESSABLE
 POLYP = {"location": "colon, segment unknown", "microvascular": NA, "diagnosis": "polyp"}
 CECUM = {"location": "cecum", "morphology": "no lesion", "microvascular": NA, "diagnosis": "normal"}
 
-# Columns the counterfactual stage documents (docs/architecture.md); its own schema module may not exist yet.
-CF_SCHEMA = pa.schema([("sample_id", pa.string()), ("parent_sample_id", pa.string()), ("kind", tables.enum()),
-                       ("split", tables.enum()), ("image_path", pa.string())]
-                      + [f for lv in taxonomy.LEVELS for f in ((lv, tables.enum()), (f"{lv}_source", tables.enum()))]
-                      + [("excluded", pa.bool_()), ("exclusion_reason", tables.enum())])
 
 
 def _lesion_row(ws: Path, stem: str, split: str, group: str, boxes: dict) -> dict:
@@ -109,7 +104,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     test_lesions = [r for r in rows if r["split"] == "test" and r["diagnosis"] == "polyp"]
     cf = [c for r in test_lesions for c in _counterfactuals(ws, r, inpainter)]
     cf.append({**cf[0], "sample_id": "excluded1", "excluded": True, "exclusion_reason": "mask_too_large"})
-    tables.write_rows(cf, ws / "data/counterfactual/counterfactuals.parquet", CF_SCHEMA, "counterfactuals")
+    tables.write_rows(cf, ws / "data/counterfactual/counterfactuals.parquet", COUNTERFACTUALS, "counterfactuals")
 
     # The base_model stage's own tiny builder (tokenizer from the train split); the three "trained" models
     # are copies of it: this test checks the evaluation machinery, not training.

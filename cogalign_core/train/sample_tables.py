@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cogalign_core import answer_format, taxonomy
+from cogalign_core import answer_format, tables, taxonomy
 
 SAMPLE_PACKAGE = "cogalign_core.sample_data"
 IMAGES_DIR = Path("data/ingest/images")
@@ -98,12 +98,6 @@ def build_annotations(workspace: Path, n_lesion: int, n_normal: int) -> list[dic
     return rows
 
 
-COUNTERFACTUAL_COLUMNS: tuple[str, ...] = (
-    "sample_id", "parent_sample_id", "kind", "split", "image_path", "width", "height",
-    *taxonomy.LEVELS, "answer", "excluded", "exclusion_reason",
-)
-
-
 def build_counterfactuals(workspace: Path, annotations: list[dict[str, Any]], max_parents: int | None = None
                           ) -> list[dict[str, Any]]:
     """Counterfactual normal + control per lesion annotation row; write ``counterfactuals.parquet``.
@@ -112,10 +106,6 @@ def build_counterfactuals(workspace: Path, annotations: list[dict[str, Any]], ma
     shifted to a lesion-free place and inpainted, lesion kept (same label as the parent). A row whose
     mask leaves no lesion-free place for the control is marked ``excluded`` with a reason.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     out: list[dict[str, Any]] = []
     parents = [r for r in annotations if r.get("_mask") is not None][:max_parents]
     for r in parents:
@@ -141,16 +131,14 @@ def build_counterfactuals(workspace: Path, annotations: list[dict[str, Any]], ma
                         "split": r["split"], "image_path": rel, "width": w, "height": h, **labels,
                         "answer": answer_format.render_answer(labels), "excluded": excluded,
                         "exclusion_reason": "control_region_overlaps_lesion" if excluded else None})
-    table = pa.Table.from_pylist(out, schema=pa.schema([
-        ("sample_id", pa.string()), ("parent_sample_id", pa.string()), ("kind", pa.string()),
-        ("split", pa.string()), ("image_path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        *[(lv, pa.string()) for lv in taxonomy.LEVELS], ("answer", pa.string()), ("excluded", pa.bool_()),
-        ("exclusion_reason", pa.string())]))
-    path = workspace / "data/counterfactual/counterfactuals.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    for split in ("train", "val", "test", "external_test"):
-        pq.write_table(table.filter(pc.equal(table["split"], split)), path.with_name(f"split_{split}.parquet"))
+    # The counterfactual stage's own schema and writer, per split as the stage writes them.
+    from cogalign_core.counterfactual import COUNTERFACTUALS
+
+    folder = workspace / "data/counterfactual"
+    tables.write_rows(out, folder / "counterfactuals.parquet", COUNTERFACTUALS, "counterfactuals")
+    for split in tables.SPLITS:
+        tables.write_rows([r for r in out if r["split"] == split], folder / f"split_{split}.parquet",
+                          COUNTERFACTUALS, "counterfactuals")
     return out
 
 
