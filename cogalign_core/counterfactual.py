@@ -183,17 +183,34 @@ def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, candidates
             return False
         return not (forbidden[ny0:ny0 + ch, nx0:nx0 + cw] & crop).any()
 
+    # The ring around a translated region is the translated ring of the crop (dilation commutes with
+    # translation), so it is dilated once here and only pasted per candidate, in a local window.
+    r = max(0, params.ring_px)
+    padded = np.pad(crop, r)
+    crop_ring = dilate(padded, r) & ~padded
+    allowed = fov & ~fill
+
+    def ring_mean_at(dx: int, dy: int) -> np.ndarray | None:
+        top, left = y0 + dy - r, x0 + dx - r
+        t, b = max(0, top), min(h, top + ch + 2 * r)
+        le, ri = max(0, left), min(w, left + cw + 2 * r)
+        ring = crop_ring[t - top:b - top, le - left:ri - left] & allowed[t:b, le:ri]
+        return _lab_mean(lab[t:b, le:ri], ring)
+
     def best_of(offsets: list[tuple[int, int]]) -> tuple[np.ndarray, int, int, float] | None:
         best = None
         for dx, dy in offsets:
-            region = np.zeros_like(fill)
-            region[y0 + dy:y0 + dy + ch, x0 + dx:x0 + dx + cw] = crop
-            ring_mean = _lab_mean(lab, _ring(region, params.ring_px, fov & ~fill))
+            ring_mean = ring_mean_at(dx, dy)
             dist = float(np.linalg.norm(ring_mean - lesion_ring)) \
                 if ring_mean is not None and lesion_ring is not None else float("inf")
-            if best is None or dist < best[3]:
-                best = (region, dx, dy, dist)
-        return best
+            if best is None or dist < best[2]:
+                best = (dx, dy, dist)
+        if best is None:
+            return None
+        dx, dy, dist = best
+        region = np.zeros_like(fill)
+        region[y0 + dy:y0 + dy + ch, x0 + dx:x0 + dx + cw] = crop
+        return region, dx, dy, dist
 
     bases = list(candidates) or [(1.0 - cx / w, 1.0 - cy / h)]  # no other lesions: mirror position
     positions: list[tuple[float, float]] = list(bases[:params.control_candidates])
