@@ -115,12 +115,16 @@ def test_served_end_to_end_deployment_runs_on_a_loopback_server(tmp_path: Path) 
                 lambda: (r := client.get("/deployments/name/cogalign-run/end-to-end")).status_code == 200 and r.json(),
                 90, "the end-to-end deployment", [server, serve], logs)
             assert deployment["parameters"]["workspace"] == str(ws.root)
-            created = client.post(f"/deployments/{deployment['id']}/create_flow_run",
-                                  json={"parameters": {"until": "annotate"}})
+            # A busy SQLite-backed server answers 503 for a moment: retry that (bounded), nothing else.
+            created = _wait_for(
+                lambda: (r := client.post(f"/deployments/{deployment['id']}/create_flow_run",
+                                          json={"parameters": {"until": "annotate"}})).status_code != 503 and r,
+                60, "the server to accept the flow run", [server, serve], logs)
             assert created.status_code == 201, created.text
             run_id = created.json()["id"]
             state = _wait_for(
-                lambda: (s := client.get(f"/flow_runs/{run_id}").json()["state"]) and s["type"] in TERMINAL and s,
+                lambda: (r := client.get(f"/flow_runs/{run_id}")).status_code == 200
+                and (s := r.json()["state"]) and s["type"] in TERMINAL and s,
                 150, "the flow run", [server, serve], logs)
             assert state["type"] == "COMPLETED", f"{state}\n{serve_log.read_text()[-4000:]}"
         assert serve.poll() is not None
