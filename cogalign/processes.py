@@ -127,3 +127,43 @@ class StageFailed(RuntimeError):
         cause = failure_cause(tail, returncode)
         super().__init__(f"stage {stage!r} failed ({'transient' if self.transient else 'permanent'}): {cause}. "
                          f"Full log: {log_path}")
+
+
+def _alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def release_dead_dvc_locks(workspace: Path) -> list[int]:
+    """Drop entries of dead processes from DVC's ``.dvc/tmp/rwlock``; return their pids.
+
+    DVC releases entries of vanished pids itself, but a SIGKILLed stage can linger as a zombie
+    when nothing reaps it (a container whose PID 1 is not an init), and DVC then reports the
+    outputs as busy forever. Only call this while holding the workspace lock.
+    """
+    from cogalign_core.io import atomic_write_text
+
+    path = workspace / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    dead: set[int] = set()
+    for mode in ("read", "write"):
+        entries = lock.get(mode) or {}
+        for target in list(entries):
+            infos = entries[target] if isinstance(entries[target], list) else [entries[target]]
+            kept = [i for i in infos if _alive(int(i["pid"]))]
+            dead.update(int(i["pid"]) for i in infos if i not in kept)
+            if not kept:
+                del entries[target]
+            elif mode == "read":
+                entries[target] = kept
+    if dead:
+        atomic_write_text(path, json.dumps(lock))
+    return sorted(dead)

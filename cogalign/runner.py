@@ -79,12 +79,13 @@ def is_up_to_date(ws: Workspace, until: str | None = None) -> bool:
 
 def clean_after_kill(ws: Workspace) -> list[str]:
     """Remove what a killed run can leave: a stage process group and temp files under data/."""
-    from cogalign.processes import kill_stale_stage
+    from cogalign.processes import kill_stale_stage, release_dead_dvc_locks
 
     cleaned = []
     pgid = kill_stale_stage(ws.root)
     if pgid is not None:
         cleaned.append(f"process group {pgid}")
+    cleaned += [f"DVC lock of dead process {pid}" for pid in release_dead_dvc_locks(ws.root)]
     cleaned += [str(p.relative_to(ws.root)) for p in remove_stale_temps(ws.root / "data")]
     return cleaned
 
