@@ -36,12 +36,15 @@ def version() -> None:
 @app.command()
 def init(path: Annotated[Path, typer.Argument(help="New workspace directory.")],
          sample: Annotated[bool, typer.Option("--sample", help="Register the bundled sample as batch one.")] = False,
-         remote: Annotated[str | None, typer.Option(help="DVC remote (default: <path>/.dvcstore).")] = None) -> None:
+         remote: Annotated[str | None, typer.Option(help="DVC remote (default: <path>/.dvcstore).")] = None,
+         recipe: Annotated[str | None, typer.Option(
+             help="Recipe family (model.recipe): lite0-small (default, a model that sees), tiny (seconds, blind), "
+             "or a real one (qwen3-vl-2b, qwen3-vl-8b, qwen2.5-vl-3b).")] = None) -> None:
     """Scaffold a pipeline workspace (git, DVC, dvc.yaml, params.yaml, prefect.yaml)."""
     from cogalign.workspace import WorkspaceError, init_workspace
 
     try:
-        ws = init_workspace(path, sample=sample, remote=remote)
+        ws = init_workspace(path, sample=sample, remote=remote, recipe=recipe)
     except WorkspaceError as exc:
         _fail(exc)
     console.print(f"initialised workspace [bold]{ws.root}[/] with batches {ws.params.batches or '[]'}")

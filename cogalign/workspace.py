@@ -132,7 +132,7 @@ def sample_data_path() -> Path:
 
 
 def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str | None = None,
-                   remote: str | None = None) -> Workspace:
+                   remote: str | None = None, recipe: str | None = None) -> Workspace:
     """Scaffold a workspace: git, DVC (analytics off, link-type cache, local remote), templates, params.
 
     Args:
@@ -140,6 +140,7 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
         sample: register the bundled sample as the first raw batch.
         salt: pseudonymisation key (default: 32 random bytes, hex).
         remote: DVC remote URL/path (default: ``<path>/.dvcstore``).
+        recipe: recipe family for ``model.recipe`` (default: the params default, lite0-small).
     """
     root = Path(path).resolve()
     if root.exists() and any(root.iterdir()):
@@ -162,6 +163,12 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
             atomic_write_text(root / name, template_text(name))
         params = PipelineParams()
         params.privacy.salt = salt or secrets.token_hex(32)
+        if recipe is not None:
+            from cogalign_core.train.recipe import families
+
+            if recipe not in families():
+                raise WorkspaceError(f"unknown recipe {recipe!r}; recipes: {', '.join(families())}")
+            params.model.recipe = recipe
         ws.write_params(params)
         atomic_write_text(root / CLINICIAN_LABELS, CLINICIAN_LABELS_HEADER)
         review.ensure_prompts_file(root)  # clinician prompts: empty until the first review import

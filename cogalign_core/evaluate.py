@@ -21,7 +21,7 @@ import csv
 import hashlib
 import io
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,14 @@ from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canv
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.provenance import write_provenance
+from cogalign_core.train.recipe import ARM_METHODS
 
 STAGE = "evaluate"
 OUT_DIR = Path("data/evaluate")
 ANNOTATIONS_PATH = Path("data/annotate/annotations.parquet")
 COUNTERFACTUALS_PATH = Path("data/counterfactual/counterfactuals.parquet")
 SECTIONS: tuple[str, ...] = ("test", "external_test")
-RECIPE_METHOD: dict[str, str] = {"base_model": "sft", "sft": "sft", "rl_no_cf": "grpo_no_cf", "rl": "grpo"}
+RECIPE_METHOD: dict[str, str] = {"base_model": "sft", **ARM_METHODS}
 BLANK_ID = "blank"
 
 CANVAS_BOX = pa.struct([("x1", pa.int32()), ("y1", pa.int32()), ("x2", pa.int32()), ("y2", pa.int32())])
@@ -115,8 +116,10 @@ def _canvas_boxes(row: Mapping[str, Any], spec: CanvasSpec) -> tuple[tuple[int, 
 
 
 def build_prompts(annotations: Sequence[Mapping[str, Any]], counterfactuals: Sequence[Mapping[str, Any]],
-                  cap: int, seed: int, spec: CanvasSpec) -> tuple[list[Prompt], dict[str, Any]]:
+                  cap: int | None, seed: int, spec: CanvasSpec) -> tuple[list[Prompt], dict[str, Any]]:
     """All prompts of all test sections, plus counts of what was available, chosen and left out.
+
+    ``cap`` limits each section's conditions to that many samples (seeded hash order); None takes all.
 
     Returns ``(prompts, counts)``; prompts are sorted by section, condition, parent, sample.
     """
@@ -216,6 +219,15 @@ def prediction_rows(model_name: str, prompts: Sequence[Prompt], completions: Seq
         row.update({f"gold_{lv}": p.gold.get(lv) for lv in taxonomy.LEVELS})
         rows.append(metrics.score_row(row))
     return rows
+
+
+def scored_rows(table_rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows read back from ``predictions.parquet``, in :mod:`metrics`' form (boxes as tuples), re-scored."""
+    out = []
+    for r in table_rows:
+        gold = [(b["x1"], b["y1"], b["x2"], b["y2"]) for b in r["gold_boxes"]] if r.get("gold_boxes") else None
+        out.append(metrics.score_row({**r, "gold_boxes": gold}))
+    return out
 
 
 def _to_table_row(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -367,8 +379,9 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     import torch
 
     from cogalign_core.train.base_model import canvas_spec
+    from cogalign_core.train.feature_cache import FeatureCache, cached_tower
     from cogalign_core.train.infer import generate_answers
-    from cogalign_core.train.modeling import load_model_and_processor
+    from cogalign_core.train.modeling import freeze_vision_tower, load_model_and_processor
     from cogalign_core.train.recipe import load_recipe
 
     ws = Path(workspace)
@@ -396,6 +409,8 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     threads_before = torch.get_num_threads()
     if ep.torch_threads:
         torch.set_num_threads(ep.torch_threads)
+    # Arms trained with a frozen tower share its exact tensors: each distinct image is encoded once.
+    cache = FeatureCache()
     try:
         for model_name in ep.models:
             recipe = recipes[model_name]
@@ -403,9 +418,11 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
                                                         attn_implementation=recipe.model.attn_implementation)
             if torch.cuda.is_available():
                 model = model.to("cuda")
-            completions = [c.strip() for c in generate_answers(model, processor, images, recipe.grounding,
-                                                               max_new_tokens=ep.max_new_tokens,
-                                                               batch_size=ep.batch_size)]
+            freeze_vision_tower(model)  # inference only: frozen BatchNorm is eval-mode BatchNorm
+            with cached_tower(model, cache):
+                completions = [c.strip() for c in generate_answers(model, processor, images, recipe.grounding,
+                                                                   max_new_tokens=ep.max_new_tokens,
+                                                                   batch_size=ep.batch_size)]
             rows += prediction_rows(model_name, prompts, completions, recipe.grounding)
             del model, processor
     finally:

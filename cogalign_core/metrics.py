@@ -184,6 +184,25 @@ def real_normal_specificity() -> Metric:
                   lambda r: r["condition"] == NORMAL, lambda r: _lesion_call(r) is False)
 
 
+def balanced_accuracy() -> Metric:
+    """Mean of lesion sensitivity and real-normal specificity (both need n > 0); n = both conditions' prompts.
+
+    Both trivial baselines (a constant answer, the majority class) score 0.5 here whatever the class mix.
+    """
+    def stats(rows: Sequence[Row]) -> np.ndarray:
+        lesion = [r for r in rows if r["condition"] == LESION]
+        normal = [r for r in rows if r["condition"] == NORMAL]
+        return np.array([sum(1 for r in lesion if _lesion_call(r) is True), len(lesion),
+                         sum(1 for r in normal if _lesion_call(r) is False), len(normal)], dtype=np.float64)
+
+    def finish(v: np.ndarray) -> tuple[float | None, int]:
+        n = round(float(v[1] + v[3]))
+        if v[1] <= 0 or v[3] <= 0:
+            return None, n
+        return float((v[0] / v[1] + v[2] / v[3]) / 2), n
+    return Metric("balanced_accuracy", "mean of lesion sensitivity and real-normal specificity", stats, finish)
+
+
 def counterfactual_specificity() -> Metric:
     """Share of counterfactual normals (lesion inpainted away) called ``normal``."""
     return _ratio("counterfactual_specificity", "counterfactual normals called normal",
@@ -352,6 +371,7 @@ def standard_metrics(rows: Sequence[Row]) -> list[Metric]:
         diagnosis_macro_f1(diagnosis_labels(rows)),
         lesion_sensitivity(),
         real_normal_specificity(),
+        balanced_accuracy(),
         counterfactual_specificity(),
         control_consistency(),
         counterfactual_flip_rate(),

@@ -37,6 +37,7 @@ METRIC_LABELS: dict[str, str] = {
     "diagnosis_macro_f1": "Diagnosis macro-F1",
     "lesion_sensitivity": "Lesion sensitivity (real lesions)",
     "real_normal_specificity": "Real-normal specificity",
+    "balanced_accuracy": "Balanced accuracy (sensitivity + specificity) / 2",
     "counterfactual_specificity": "Counterfactual specificity",
     "control_consistency": "Control consistency",
     "counterfactual_flip_rate": "Counterfactual flip rate (per pair)",
@@ -255,7 +256,7 @@ def render_report(metrics: Mapping[str, Any], confusion: Mapping[str, Sequence[t
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     level_names = [f"accuracy_{lv}" for lv in taxonomy.LEVELS] + ["diagnosis_macro_f1"]
-    looking = ["lesion_sensitivity", "real_normal_specificity", "counterfactual_specificity",
+    looking = ["lesion_sensitivity", "real_normal_specificity", "balanced_accuracy", "counterfactual_specificity",
                "control_consistency", "counterfactual_flip_rate", "counterfactual_control_gap",
                "probe_agreement_blank", "probe_agreement_shuffled"]
     for section in sections:

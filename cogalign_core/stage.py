@@ -59,6 +59,7 @@ STAGES: dict[str, StageSpec] = {
                                  "cogalign_core.executor", "cogalign_core.config.counterfactual")),
     "base_model": StageSpec("cogalign_core.train.base_model:run_stage", _TRAIN),
     "sft": StageSpec("cogalign_core.train.sft:run_stage", _TRAIN),
+    "sft_cf": StageSpec("cogalign_core.train.sft:run_cf_stage", _TRAIN),
     "rl_no_cf": StageSpec("cogalign_core.train.grpo:run_no_cf_stage", _TRAIN),
     "rl": StageSpec("cogalign_core.train.grpo:run_stage", _TRAIN),
     "evaluate": StageSpec("cogalign_core.evaluate:run_stage",

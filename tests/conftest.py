@@ -21,6 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
+TINY = "tiny"  # the fast recipe: pipeline tests run it; the default (lite0-small) has its own tests
+SALT = "test-salt-" + "0" * 32
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,7 @@ def spine_workspace(prefect_harness: None, tmp_path_factory: pytest.TempPathFact
     from cogalign.workspace import init_workspace
 
     root = tmp_path_factory.mktemp("spine") / "ws"
-    init_workspace(root, sample=True, salt="test-salt-" + "0" * 32)
+    init_workspace(root, sample=True, salt=SALT, recipe=TINY)
     outcome = run_pipeline(root, until="annotate")
     assert not outcome.up_to_date and outcome.revision
     return root
@@ -65,3 +67,23 @@ def full_workspace(spine_workspace: Path, tmp_path_factory: pytest.TempPathFacto
     outcome = run_pipeline(root)
     assert outcome.revision
     return root
+
+
+@pytest.fixture(scope="session")
+def stage_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Annotation, mask and counterfactual tables made by the real data stages on 24 images per dataset
+    of the sample (no git/DVC/Prefect). Read-only: training tests work on ``copy_stage_tables``."""
+    from cogalign_core.config import PipelineParams
+    from cogalign_core.sample_workspace import build_stage_tables
+
+    root = tmp_path_factory.mktemp("stage-tables") / "ws"
+    params = PipelineParams.model_validate({"privacy": {"salt": SALT}, "model": {"recipe": TINY},
+                                            "masks": {"qc_segmenters": ["box_ellipse"]}})
+    build_stage_tables(root, per_dataset=24, params=params)
+    return root
+
+
+def copy_stage_tables(src: Path, dst: Path) -> Path:
+    """A private copy of the stage tables directory."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -95,7 +95,7 @@ def _background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subp
 
 @pytest.mark.timeout(300)
 def test_served_end_to_end_deployment_runs_on_a_loopback_server(tmp_path: Path) -> None:
-    ws = init_workspace(tmp_path / "ws", sample=True, salt="deploy-" + "0" * 32)
+    ws = init_workspace(tmp_path / "ws", sample=True, salt="deploy-" + "0" * 32, recipe="tiny")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

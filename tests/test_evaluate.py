@@ -18,6 +18,7 @@ from cogalign_core.config import PipelineParams
 from cogalign_core.config.evaluate import EvaluateParams
 from cogalign_core.counterfactual import COUNTERFACTUALS
 from cogalign_core.inpaint import OpenCVInpainter
+from cogalign_core.train.recipe import ARM_METHODS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 NA = taxonomy.NOT_ASSESSABLE
@@ -108,14 +109,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     # The base_model stage's own tiny builder (tokenizer from the train split); the three "trained" models
     # are copies of it: this test checks the evaluation machinery, not training.
-    base_model.build_tiny(ws, load_recipe("tiny", "sft"))
-    for stage in ("sft", "rl_no_cf", "rl"):
+    base_model.build_offline(ws, load_recipe("tiny", "sft"), _params())
+    for stage in ARM_METHODS:
         shutil.copytree(ws / "data/base_model/model", ws / f"data/{stage}/model")
     return ws
 
 
 def _params() -> PipelineParams:
-    return PipelineParams(evaluate=EvaluateParams(max_samples_per_condition=3, bootstrap_resamples=50,
+    return PipelineParams(model={"recipe": "tiny"},
+                          evaluate=EvaluateParams(max_samples_per_condition=3, bootstrap_resamples=50,
                                                   max_new_tokens=24, batch_size=8, gallery_size=2))
 
 
@@ -140,7 +142,7 @@ def test_evaluate_stage_outputs_are_complete_honest_and_deterministic(workspace:
 
     preds = tables.read_rows(out / "predictions.parquet", expected="predictions")
     assert len(preds) == summary["predictions"] == 3 * summary["prompts_evaluated"]
-    assert {p["model"] for p in preds} == {"sft", "rl_no_cf", "rl"}
+    assert {p["model"] for p in preds} == {"sft", "sft_cf", "rl_no_cf", "rl"}
     assert {p["section"] for p in preds} == {"test", "external_test"}
     assert {p["condition"] for p in preds} >= {"lesion", "normal", "counterfactual_normal", "control", "blank",
                                                "shuffled"}
@@ -157,7 +159,7 @@ def test_evaluate_stage_outputs_are_complete_honest_and_deterministic(workspace:
     assert shuffled and all(p["sample_id"] != p["parent_sample_id"] for p in shuffled)
 
     tree = json.loads((out / "metrics.json").read_text())
-    assert set(tree) == {"sft", "rl_no_cf", "rl"}
+    assert set(tree) == {"sft", "sft_cf", "rl_no_cf", "rl"}
     for model in tree.values():
         assert set(model) == {"test", "external_test"}
         allm = model["test"]["all"]

@@ -1,4 +1,5 @@
-"""Recipes resolve and validate offline: tiny and real families (vendored configs, meta-device build)."""
+"""Recipes resolve and validate offline: offline families (tiny, lite0-small) and real ones (vendored configs,
+meta-device build)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,50 @@ from cogalign_core.config import PipelineParams
 from cogalign_core.train import recipe, validate
 
 REAL_FAMILIES = ("qwen3-vl-2b", "qwen3-vl-8b", "qwen2.5-vl-3b")
+OFFLINE_FAMILIES = ("tiny", "lite0-small")
 
 
 def test_shipped_families() -> None:
-    assert set(recipe.families()) >= {"tiny", *REAL_FAMILIES}
+    assert set(recipe.families()) >= {*OFFLINE_FAMILIES, *REAL_FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["tiny", *REAL_FAMILIES])
+@pytest.mark.parametrize("family", [*OFFLINE_FAMILIES, *REAL_FAMILIES])
 def test_family_dry_run(family: str) -> None:
     report = validate.dry_run(family)
-    assert report["methods"] == ["grpo", "grpo_no_cf", "sft"]
+    assert report["methods"] == ["grpo", "grpo_no_cf", "sft", "sft_cf"]
     assert report["image_tokens"] >= 16
-    if family != "tiny":
+    if family not in OFFLINE_FAMILIES:
         assert report["lora_target_modules"] > 0 and report["parameters"] > 1e9
+
+
+def test_sft_cf_extends_sft_with_counterfactuals_only() -> None:
+    for family in recipe.families():
+        sft = recipe.load_recipe(family, "sft").model_dump(exclude={"method"})
+        cf = recipe.load_recipe(family, "sft_cf").model_dump(exclude={"method"})
+        assert cf["sft"].pop("include_counterfactuals") and not sft["sft"].pop("include_counterfactuals")
+        assert cf == sft, family  # everything else is inherited through `extends: sft`
+
+
+def test_stage_recipe_applies_seed_and_step_overrides() -> None:
+    from cogalign_core.config.model import ModelParams
+
+    base = recipe.load_recipe("lite0-small", "grpo")
+    r = recipe.stage_recipe("lite0-small", "grpo", ModelParams(seed=3, rl_max_steps=2, sft_max_steps=9))
+    assert r.train.seed == base.train.seed + 3 and r.train.max_steps == 2
+    assert recipe.stage_recipe("lite0-small", "sft", ModelParams(sft_max_steps=9)).train.max_steps == 9
 
 
 def test_recipe_invariants() -> None:
     for family in recipe.families():
         sft = recipe.load_recipe(family, "sft")
         assert sft.sft is not None and not sft.sft.include_counterfactuals  # SFT-only is the paper's baseline
+        cf = recipe.load_recipe(family, "sft_cf").sft
+        assert cf is not None and cf.include_counterfactuals
         for method in ("grpo", "grpo_no_cf"):
             g = recipe.load_recipe(family, method).grpo
             assert g is not None and g.num_generations >= 8 and g.beta > 0
             assert g.use_counterfactuals == (method == "grpo")
-            if family == "tiny":
+            if family in OFFLINE_FAMILIES:
                 assert g.temperature >= 1.0
     real = recipe.load_recipe("qwen3-vl-8b", "sft")
     assert real.lora.enabled and real.model.kind == "pretrained" and real.accelerate_config
@@ -56,7 +77,8 @@ def test_bad_recipes_fail_clearly() -> None:
 
 
 def test_params_select_the_recipe() -> None:
-    params = PipelineParams.model_validate({"model": {"recipe": "qwen3-vl-2b", "sft_include_counterfactuals": True}})
+    assert PipelineParams().model.recipe == "lite0-small"  # the default: a model that sees
+    params = PipelineParams.model_validate({"model": {"recipe": "qwen3-vl-2b"}})
     assert params.model.recipe == "qwen3-vl-2b"
     with pytest.raises(ValidationError):
         PipelineParams.model_validate({"model": {"recipie": "tiny"}})

@@ -1,4 +1,7 @@
-"""Tiny model end to end on real sample images: base_model -> SFT (full and LoRA) -> GRPO, reloaded offline."""
+"""Tiny model end to end on real sample images: base_model -> SFT (full and LoRA) -> sft_cf -> GRPO, reloaded offline.
+
+The tables come from the pipeline's own data stages run on part of the sample (``stage_tables``).
+"""
 
 from __future__ import annotations
 
@@ -11,23 +14,25 @@ import torch
 from safetensors.torch import load_file
 
 from cogalign_core.config import PipelineParams
-from cogalign_core.train import base_model, data, grpo, infer, modeling, sample_tables, sft
+from cogalign_core.train import base_model, data, grpo, infer, modeling, sft
 from cogalign_core.train.recipe import load_recipe
+from tests.conftest import TINY, copy_stage_tables
 
 pytestmark = pytest.mark.slow
 
 
+def _params(**model: object) -> PipelineParams:
+    return PipelineParams.model_validate({"model": {"recipe": TINY, **model}})
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ws = tmp_path_factory.mktemp("tiny-ws")
-    counts = sample_tables.build_workspace(ws, n_lesion=48, n_normal=32, n_counterfactual_parents=24)
-    assert counts == {"annotations": 80, "counterfactuals": 48}
-    return ws
+def workspace(stage_tables: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_stage_tables(stage_tables, tmp_path_factory.mktemp("tiny") / "ws")
 
 
 @pytest.fixture(scope="module")
 def trained(workspace: Path) -> Path:
-    params = PipelineParams.model_validate({"model": {"sft_max_steps": 40}})
+    params = _params(sft_max_steps=40)
     base_model.run_stage(workspace, params, None)
     sft.run_stage(workspace, params, None)
     return workspace
@@ -50,7 +55,7 @@ def test_base_model_is_deterministic_and_reloads(trained: Path, tmp_path: Path) 
     (rebuilt / "data/annotate").mkdir(parents=True)
     train_table = data.split_table(data.ANNOTATE_DIR, "train")
     (rebuilt / train_table).write_bytes((trained / train_table).read_bytes())
-    base_model.run_stage(rebuilt, PipelineParams(), None)
+    base_model.run_stage(rebuilt, _params(), None)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         rel = base_model.MODEL_DIR / name
         assert (rebuilt / rel).read_bytes() == (trained / rel).read_bytes(), name
@@ -73,7 +78,7 @@ def test_sft_learns_the_format(trained: Path) -> None:
         assert changed == (".visual." not in f".{name}"), name
     # Reloads offline, and its greedy answers on train images parse.
     model, processor = modeling.load_model_and_processor(out / "model")
-    recipe = load_recipe("tiny", "sft")
+    recipe = load_recipe(TINY, "sft")
     train = data.real_examples(data.load_annotations(trained), ["train"], base_model.canvas_spec(recipe), True)
     ds = data.to_dataset(train[:24], trained, base_model.canvas_spec(recipe))
     answers = infer.generate_answers(model, processor, [r["image"] for r in ds], grounding=True)
@@ -82,10 +87,10 @@ def test_sft_learns_the_format(trained: Path) -> None:
 
 
 def test_lora_path(trained: Path, tmp_path: Path) -> None:
-    recipe = load_recipe("tiny", "sft")
+    recipe = load_recipe(TINY, "sft")
     recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"enabled": True, "r": 4, "alpha": 8})})
     out = tmp_path / "sft-lora"
-    summary = sft.train_sft(trained, recipe, trained / base_model.MODEL_DIR, out, False, max_steps=6)
+    summary = sft.train_sft(trained, recipe, trained / base_model.MODEL_DIR, out, _params().model, max_steps=6)
     assert summary["lora"] and summary["steps"] == 6
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
@@ -100,10 +105,34 @@ def test_lora_path(trained: Path, tmp_path: Path) -> None:
     modeling.load_model_and_processor(out / "model")
 
 
+def test_sft_cf_stage_trains_on_counterfactuals_with_rl_labels(trained: Path) -> None:
+    params = _params(sft_max_steps=4)
+    sft.run_cf_stage(trained, params, None)
+    out = trained / "data/sft_cf"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["counterfactual_train"] > 0
+    assert {"kind:counterfactual_normal", "kind:control"} <= set(summary["train_by_kind"])
+    # The same examples, labelled exactly as the RL stage labels them.
+    recipe = load_recipe(TINY, "sft_cf")
+    train, _, _ = sft.sft_examples(trained, recipe, params.model)
+    rl, _ = grpo.grpo_examples(trained, load_recipe(TINY, "grpo"), params.model)
+    rl_cf = {e["sample_id"]: e["answer"] for e in rl if e["kind"] in ("counterfactual_normal", "control")}
+    sft_cf = {e["sample_id"]: e["answer"] for e in train if e["kind"] in ("counterfactual_normal", "control")}
+    assert sft_cf and set(rl_cf) <= set(sft_cf) and all(sft_cf[k] == v for k, v in rl_cf.items())
+    assert all(e["answer"].count("<diagnosis>normal</diagnosis>") == 1 for e in train
+               if e["kind"] == "counterfactual_normal")
+    before, after = _weights(trained / base_model.MODEL_DIR), _weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert any("counterfactual" in i for i in json.dumps(prov["inputs"]).split('"'))
+    modeling.load_model_and_processor(out / "model")
+
+
 def test_grpo_stages(trained: Path) -> None:
-    no_cf, _ = grpo.grpo_examples(trained, load_recipe("tiny", "grpo_no_cf"))
+    model_params = _params().model
+    no_cf, _ = grpo.grpo_examples(trained, load_recipe(TINY, "grpo_no_cf"), model_params)
     assert {e["kind"] for e in no_cf} <= {"real_lesion", "real_normal"}
-    with_cf, counts = grpo.grpo_examples(trained, load_recipe("tiny", "grpo"))
+    with_cf, counts = grpo.grpo_examples(trained, load_recipe(TINY, "grpo"), model_params)
     assert {"counterfactual_normal", "control"} <= {e["kind"] for e in with_cf}
     normal = counts["prompts_by_kind"]["label:normal"] / counts["prompts"]
     assert 0.4 <= normal <= 0.6
@@ -112,7 +141,7 @@ def test_grpo_stages(trained: Path) -> None:
     skipped = sum(counts["counterfactual_skipped"].values())
     assert counts["counterfactual_train"] + skipped == counts["counterfactual_rows"]
 
-    grpo.run_stage(trained, PipelineParams.model_validate({"model": {"rl_max_steps": 3}}), None)
+    grpo.run_stage(trained, _params(rl_max_steps=3), None)
     out = trained / "data/rl"
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert len(rows) == 3

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogalign_core import taxonomy
+from cogalign_core.train.recipe import ARM_METHODS
 
-MODEL_STAGES: tuple[str, ...] = ("base_model", "sft", "rl_no_cf", "rl")
+MODEL_STAGES: tuple[str, ...] = ("base_model", *ARM_METHODS)
 
 
 def _no_finding_answer() -> dict[str, str]:
@@ -19,13 +20,14 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     models: list[str] = Field(
-        default_factory=lambda: ["sft", "rl_no_cf", "rl"],
+        default_factory=lambda: list(ARM_METHODS),
         description="Model stages to evaluate, each loaded from data/<stage>/model. Add base_model when it holds "
         "real pretrained weights (the tiny base model is random and says nothing).")
-    max_samples_per_condition: int = Field(
-        20, ge=1,
-        description="Cap per test section and condition (real lesion, real normal, counterfactual, control, both), "
-        "chosen by a seeded hash of the sample id. Probes reuse the chosen real images.")
+    max_samples_per_condition: int | None = Field(
+        None, ge=1,
+        description="Optional cap per test section and condition (real lesion, real normal, counterfactual, control, "
+        "both), chosen by a seeded hash of the sample id; None (the default) scores every test image and every "
+        "usable test counterfactual/control. Probes reuse the chosen real images. The report states n everywhere.")
     batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
     max_new_tokens: int = Field(
         48, ge=8,

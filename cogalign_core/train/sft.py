@@ -1,12 +1,17 @@
-"""DVC stage ``sft``: hierarchical clinical-cognition SFT with TRL's ``SFTTrainer``.
+"""DVC stages ``sft`` and ``sft_cf``: hierarchical clinical-cognition SFT with TRL's ``SFTTrainer``.
 
-Data: the train split's real lesions and real normals in TRL's conversational prompt-completion
-format (system prompt with the reasoning steps, the canvas image, the question -> the tagged
-answer), completion-only loss. Counterfactual normals and controls are left out unless the recipe
-or ``params.model.sft_include_counterfactuals`` adds them, so SFT alone is the paper's baseline.
-Validation loss on (a fixed subset of) the val split.
+Data: the train split's examples in TRL's conversational prompt-completion format (system prompt with
+the reasoning steps, the canvas image, the question -> the tagged answer), completion-only loss:
 
-Outputs in ``data/sft/``: ``model/`` (merged, reloadable with AutoModelForImageTextToText /
+- ``sft``: real lesions and real normals only (the paper's SFT baseline);
+- ``sft_cf``: the same plus the train split's counterfactual normals and matched controls, labelled
+  as the RL stage labels them — plain supervision on the images counterfactual RL sees.
+
+With ``sft.normal_fraction`` the examples are resampled so about that share is labelled normal.
+Validation loss on (a fixed subset of) the val split's real images. Sources in
+``params.model.train_exclude_datasets`` are left out of both.
+
+Outputs in ``data/<stage>/``: ``model/`` (merged, reloadable with AutoModelForImageTextToText /
 AutoProcessor), ``adapter/`` (LoRA recipes), ``log.csv`` (step, loss, eval_loss, learning_rate,
 grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
 """
@@ -21,10 +26,12 @@ from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from cogalign_core.config import PipelineParams
+from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 from cogalign_core.train import base_model, data, infer, modeling
-from cogalign_core.train.recipe import Recipe, load_recipe
+from cogalign_core.train.feature_cache import cached_tower
+from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
 OUT_DIR = Path("data/sft")
@@ -45,17 +52,8 @@ def lora_config(recipe: Recipe) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=lora_target_regex(recipe), task_type="CAUSAL_LM", bias="none")
-
-
-def freeze_vision_tower(model: PreTrainedModel) -> int:
-    """Stop gradients into the vision tower (ViT + mergers); returns the number of frozen parameters."""
-    frozen = 0
-    for name, p in model.named_parameters():
-        if ".visual." in f".{name}" and p.requires_grad:
-            p.requires_grad_(False)
-            frozen += p.numel()
-    return frozen
+                      target_modules=lora_target_regex(recipe), task_type="CAUSAL_LM", bias="none",
+                      modules_to_save=list(recipe.lora.modules_to_save) or None)
 
 
 def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None, do_eval: bool = True
@@ -80,40 +78,45 @@ def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = N
 def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: Any, eval_ds: Any | None,
                   recipe: Recipe, output_dir: str | Path, max_steps: int | None = None,
                   callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
-    """An ``SFTTrainer`` for the recipe (LoRA-wrapped when the recipe says so)."""
-    if recipe.lora.freeze_vision and not recipe.lora.enabled:
-        freeze_vision_tower(model)
+    """An ``SFTTrainer`` for the recipe (LoRA-wrapped when the recipe says so; the tower frozen first,
+    BatchNorm included, since PEFT freezes weights but not running statistics)."""
+    if recipe.lora.freeze_vision:
+        modeling.freeze_vision_tower(model)
     return SFTTrainer(model=model, args=sft_config(recipe, output_dir, max_steps, do_eval=eval_ds is not None),
                       train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
                       peft_config=lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
 
 
-def sft_examples(workspace: Path, recipe: Recipe, include_counterfactuals: bool
+def sft_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """(train examples, val examples, counts) for SFT."""
+    """(train examples, val examples, counts) for SFT; counterfactuals when the recipe includes them."""
+    assert recipe.sft is not None
     spec = base_model.canvas_spec(recipe)
-    annotations = data.load_annotations(workspace, ["train", "val"])
-    train = data.real_examples(annotations, ["train"], spec, recipe.grounding)
-    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(train)}
-    if include_counterfactuals:
-        cf_rows = data.load_counterfactuals(workspace, ["train"])
+    annotations = data.training_annotations(workspace, ["train", "val"], model_params)
+    pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool),
+                              "excluded_datasets": list(model_params.train_exclude_datasets)}
+    if recipe.sft.include_counterfactuals:
+        cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
-        train += cf
+        pool += cf
         counts["counterfactual_train"] = len(cf)
         counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
-    assert recipe.sft is not None
+    if not pool:
+        raise data.DataError("no train examples for SFT (is the train split empty?)")
+    train = (data.balance_normals(pool, recipe.sft.normal_fraction, recipe.train.seed)
+             if recipe.sft.normal_fraction else pool)
     val_all = data.real_examples(annotations, ["val"], spec, recipe.grounding)
     val = val_all[:recipe.sft.max_eval_samples]
-    counts.update({"val_rows": len(val_all), "val_used": len(val), "train_by_kind": data.kind_counts(train)})
-    if not train:
-        raise data.DataError("no train examples for SFT (is the train split empty?)")
+    counts.update({"pool_by_kind": data.kind_counts(pool), "train_examples": len(train),
+                   "train_by_kind": data.kind_counts(train), "val_rows": len(val_all), "val_used": len(val)})
     return train, val, counts
 
 
-def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, include_counterfactuals: bool,
+def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, model_params: ModelParams,
               max_steps: int | None = None) -> dict[str, Any]:
     """Run SFT from ``base_dir`` and write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
-    train, val, counts = sft_examples(workspace, recipe, include_counterfactuals)
+    train, val, counts = sft_examples(workspace, recipe, model_params)
     spec = base_model.canvas_spec(recipe)
     train_ds = data.to_dataset(train, workspace, spec)
     eval_ds = data.to_dataset(val, workspace, spec) if val else None
@@ -122,14 +125,14 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, in
     log = StepLog()
     with tempfile.TemporaryDirectory(prefix="cogalign-sft-") as tmp:
         trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log])
-        trainer.train()
-        if eval_ds is not None:
-            trainer.evaluate()
-    trained = modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
+        with cached_tower(trainer.model) as cache:  # a frozen tower encodes each image once
+            trainer.train()
+            if eval_ds is not None:
+                trainer.evaluate()
+            trained = modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
+            check = train_ds.select(range(min(PARSE_CHECK_SAMPLES, len(train_ds))))
+            answers = infer.generate_answers(trained, processor, list(check["image"]), recipe.grounding)
     write_log_csv(out_dir / "log.csv", log, LOG_COLUMNS)
-    check = train[:PARSE_CHECK_SAMPLES]
-    answers = infer.generate_answers(trained, processor, [r["image"] for r in train_ds.select(range(len(check)))],
-                                     recipe.grounding)
     losses, evals = log.series("loss"), log.series("eval_loss")
     summary = {
         **counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
@@ -137,34 +140,37 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, in
         "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
         "eval_loss_first": evals[0][1] if evals else None, "eval_loss_last": evals[-1][1] if evals else None,
         "train_parse_rate": infer.parse_rate(answers, recipe.grounding), "train_parse_checked": len(answers),
+        "tower_feature_cache": {"hits": cache.hits, "misses": cache.misses},
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def effective_recipe(params: PipelineParams) -> tuple[Recipe, bool]:
-    """The SFT recipe and whether counterfactuals are included (params override the recipe)."""
-    recipe = load_recipe(params.model.recipe, "sft")
+def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
+    method = ARM_METHODS[stage]
+    recipe = stage_recipe(params.model.recipe, method, params.model)
     assert recipe.sft is not None
-    include = recipe.sft.include_counterfactuals
-    if params.model.sft_include_counterfactuals is not None:
-        include = params.model.sft_include_counterfactuals
-    return recipe, include
+    base_dir = base_model.resolve_base_model_dir(workspace)
+    out = workspace / "data" / stage
+    summary = train_sft(workspace, recipe, base_dir, out, params.model)
+    inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
+              base_model.REFERENCE_FILE.as_posix()]
+    if recipe.model.kind in base_model.OFFLINE_KINDS:
+        inputs.append(base_model.MODEL_DIR.as_posix())
+    if recipe.sft.include_counterfactuals:
+        inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
+    write_provenance(out, stage, workspace, inputs,
+                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
+                     extra={"steps": summary["steps"]})
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
-    """DVC stage ``sft``."""
+    """DVC stage ``sft``: real images only."""
     del item
-    recipe, include_cf = effective_recipe(params)
-    base_dir = base_model.resolve_base_model_dir(workspace)
-    out = workspace / OUT_DIR
-    summary = train_sft(workspace, recipe, base_dir, out, include_cf, params.model.sft_max_steps)
-    inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
-              base_model.REFERENCE_FILE.as_posix()]
-    if recipe.model.kind == "tiny":
-        inputs.append(base_model.MODEL_DIR.as_posix())
-    if include_cf:
-        inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    write_provenance(out, "sft", workspace, inputs,
-                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
-                     extra={"steps": summary["steps"]})
+    _run(workspace, params, "sft")
+
+
+def run_cf_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
+    """DVC stage ``sft_cf``: real images plus counterfactual normals and matched controls."""
+    del item
+    _run(workspace, params, "sft_cf")

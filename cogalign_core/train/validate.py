@@ -37,6 +37,13 @@ def dry_run(family: str) -> dict[str, Any]:
         assert sft.model.tiny is not None
         report["image_tokens"] = modeling.count_image_tokens(sft.canvas.size, sft.model.tiny.patch_size)
         return report
+    if sft.model.kind == "composed":
+        from cogalign_core.train import composed
+
+        assert sft.model.composed is not None
+        report["image_tokens"] = composed.image_tokens(sft.model.composed, sft.canvas.size)
+        report["vision_weights"] = sft.model.composed.vision_weights
+        return report
     raw = vendored_config(family)
     if raw is None:
         raise RecipeInvalid(f"{family}: real recipes must vendor their model's config.json")
