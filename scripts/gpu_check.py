@@ -30,7 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoConfig, Qwen3VLForConditionalGeneration, TrainerCallback
 
-from cogalign_core.train import base_model, data, grpo, modeling, sample_tables, sft
+from cogalign_core.config import PipelineParams
+from cogalign_core.sample_workspace import build_stage_tables
+from cogalign_core.train import base_model, data, grpo, modeling, sft
 from cogalign_core.train.recipe import load_recipe, vendored_config
 from cogalign_core.train.trainlog import StepLog
 
@@ -121,13 +123,15 @@ def main() -> None:
     print(f"device={device} torch={torch.__version__} family={family}", flush=True)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        ws = Path(tmp)
-        sample_tables.build_workspace(ws, 96, 48, 32)
+        ws = Path(tmp) / "ws"
+        params = PipelineParams.model_validate({"model": {"recipe": family},
+                                                "masks": {"qc_segmenters": ["box_ellipse"]}})
+        build_stage_tables(ws, 48, params)  # the real data stages on part of the sample
         model, processor, recipe = build_model(family, ws, device)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"parameters={n_params / 1e9:.3f}B", flush=True)
         # SFT (recipe settings, LoRA on real recipes)
-        train, _, _ = sft.sft_examples(ws, recipe, False)
+        train, _, _ = sft.sft_examples(ws, recipe, params.model)
         ds = data.to_dataset(train, ws, base_model.canvas_spec(recipe))
         timer, log = StepTimer(), StepLog()
         trainer = sft.build_trainer(model, processor, ds, None, recipe, ws / "sft-out", args.sft_steps,
@@ -142,7 +146,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         # GRPO (recipe settings: group size, lengths, beta; generation with HF generate)
         grecipe = load_recipe(family, "grpo")
-        examples, _ = grpo.grpo_examples(ws, grecipe)
+        examples, _ = grpo.grpo_examples(ws, grecipe, params.model)
         gds = data.to_dataset(examples, ws, base_model.canvas_spec(grecipe), with_completion=False)
         timer, log = StepTimer(), StepLog()
         if not grecipe.lora.enabled and grecipe.grpo is not None and grecipe.grpo.beta > 0:
