@@ -315,6 +315,7 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
     from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
     from cogalign.workspace import Workspace, WorkspaceError, register
+    from cogalign_core.train.recipe import ARM_METHODS
 
     try:
         ws = Workspace.open(workspace)
@@ -325,9 +326,32 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     report = ws.root / "data" / "evaluate" / "report.html"
-    training = ("base_model", "sft", "rl", "rl_no_cf")
+    training = ("base_model", *ARM_METHODS)
     retrained = [s["stage"] for s in outcome.stages if s["ran"] and s["stage"] in training]
     console.print(f"report: {report}" + (f"  (retrained: {', '.join(retrained)})" if retrained else ""))
+
+
+@app.command()
+def study(workspace: WorkspaceOpt = Path("."),
+          seeds: Annotated[int, typer.Option(help="Seeds per condition (model.seed = 0 .. N-1).")] = 3,
+          name: Annotated[str | None, typer.Option(help="Study name (default: study-<date>-<time>).")] = None,
+          cross_source: Annotated[list[str] | None, typer.Option(
+              "--cross-source", help="Add a condition with this source dataset held out of training (e.g. "
+              "kvasir-seg); its test rows are the cross-source result. Repeatable.")] = None,
+          jobs: Annotated[int, typer.Option(help="Experiments run at a time.")] = 1) -> None:
+    """Train every arm for N seeds as recorded DVC experiments and write one table (studies/<name>/)."""
+    from cogalign.processes import StageFailed
+    from cogalign.runner import prepare_prefect_env
+    from cogalign.study import run_study
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        prepare_prefect_env(Workspace.open(workspace))
+        out = run_study(workspace, seeds, name, cross_source or [], jobs)
+    except (WorkspaceError, StageFailed) as exc:
+        _fail(exc)
+    console.print((out / "study.md").read_text())
+    console.print(f"study table: {out / 'study.md'} (and study.json); experiments: `dvc exp show` in {workspace}")
 
 
 def main() -> None:
