@@ -35,6 +35,7 @@ from typing import Any
 from cogalign.runner import is_up_to_date, run_pipeline, workspace_lock
 from cogalign.workspace import Workspace, WorkspaceError, register
 from cogalign_core import metrics, tables
+from cogalign_core.evaluate import scored_rows
 from cogalign_core.io import atomic_write_json, sha256_file
 from cogalign_core.privacy import salted_hash
 from cogalign_core.promotion import decide
@@ -180,21 +181,6 @@ def take_new_files(ws: Workspace, drop: Path) -> tuple[str | None, DropScan]:
 
 
 # ------------------------------------------------------------------------------ champion vs challenger
-def _box(b: Any) -> tuple[int, int, int, int] | None:
-    return None if b is None else (int(b["x1"]), int(b["y1"]), int(b["x2"]), int(b["y2"]))
-
-
-def _metric_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stored prediction rows (boxes as structs) in the in-memory form :mod:`metrics` reads (tuples)."""
-    out = []
-    for r in rows:
-        m = dict(r)
-        m["gold_boxes"] = [_box(b) for b in r["gold_boxes"]] if r.get("gold_boxes") else None
-        m["pred_box"] = _box(r.get("pred_box"))
-        out.append(m)
-    return out
-
-
 def prompt_key(row: dict[str, Any]) -> PromptKey:
     """Identity of a prompt, independent of the model that answered it."""
     return (row["section"], row["condition"], row["parent_sample_id"], row["sample_id"])
@@ -248,11 +234,11 @@ def compare_with_champion(ws: Workspace) -> dict[str, Any]:
     champion_rows = (tables.read_rows(ws.root / CHAMPION_PREDICTIONS, "predictions")
                      if champion and (ws.root / CHAMPION_PREDICTIONS).exists() else [])
     common = {prompt_key(r) for r in challenger_rows} & {prompt_key(r) for r in champion_rows}
-    ch_common = _metric_rows([r for r in challenger_rows if prompt_key(r) in common])
-    cp_common = _metric_rows([r for r in champion_rows if prompt_key(r) in common])
-    ch_all = _metric_rows(challenger_rows)
+    ch_common = scored_rows([r for r in challenger_rows if prompt_key(r) in common])
+    cp_common = scored_rows([r for r in champion_rows if prompt_key(r) in common])
+    ch_all = scored_rows(challenger_rows)
     # One metric list (macro-F1 class set) for both models, so their values are comparable.
-    metric_set = metrics.standard_metrics([*ch_all, *_metric_rows(champion_rows)])
+    metric_set = metrics.standard_metrics([*ch_all, *scored_rows(champion_rows)])
     lock = ws.lock_stages()
     summarise = _summariser(ws, metric_set)
     challenger_metrics = summarise(ch_all)

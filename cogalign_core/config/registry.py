@@ -24,9 +24,10 @@ class PromotionParams(BaseModel):
         description="Evaluation section the models are compared on: test (held-out split of the training "
         "sources) or external_test (batches registered with --role test).")
     primary_metric: str = Field(
-        "accuracy_diagnosis",
+        "balanced_accuracy",
         description="Metric (a key of metrics.json, higher is better unless listed in lower_is_better) the "
-        "challenger must improve.")
+        "challenger must improve. The default, the mean of lesion sensitivity and real-normal specificity, "
+        "cannot be gamed by the class mix (both trivial baselines score 0.5).")
     margin: float = Field(
         0.01, ge=0,
         description="Required improvement of the primary metric, in metric units (0.01 = one percentage "
