@@ -141,7 +141,7 @@ def test_evaluate_stage_outputs_are_complete_honest_and_deterministic(workspace:
     assert test_counts["counterfactual_normal"]["chosen"] == 3 and test_counts["control"]["chosen"] == 3
 
     preds = tables.read_rows(out / "predictions.parquet", expected="predictions")
-    assert len(preds) == summary["predictions"] == 3 * summary["prompts_evaluated"]
+    assert len(preds) == summary["predictions"] == len(ARM_METHODS) * summary["prompts_evaluated"]
     assert {p["model"] for p in preds} == {"sft", "sft_cf", "rl_no_cf", "rl"}
     assert {p["section"] for p in preds} == {"test", "external_test"}
     assert {p["condition"] for p in preds} >= {"lesion", "normal", "counterfactual_normal", "control", "blank",

@@ -62,6 +62,7 @@ def build_offline(workspace: Path, recipe: Recipe, params: PipelineParams) -> di
     """Build and save an offline model (tiny or composed) into ``data/base_model/model``; return summary facts."""
     from cogalign_core.train import modeling
 
+    modeling.configure_cpu_threads()
     # The tokenizer never sees val/test text, nor a source held out of training.
     annotations = data.training_annotations(workspace, ["train"], params.model)
     if not annotations:

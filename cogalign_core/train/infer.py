@@ -28,7 +28,7 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: 
             chunk = list(images[start:start + batch_size])
             inputs = processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
             inputs = inputs.to(model.device)
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                        pad_token_id=tokenizer.pad_token_id)
             new_tokens = generated[:, inputs["input_ids"].shape[1]:]
             out += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -70,7 +70,8 @@ def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = N
         gradient_checkpointing=t.gradient_checkpointing, bf16=t.bf16,
         dataloader_num_workers=t.dataloader_num_workers, max_length=s.max_length,
         completion_only_loss=True, eval_strategy="steps" if do_eval else "no", eval_steps=s.eval_steps,
-        save_strategy="no", report_to="none", disable_tqdm=True, packing=False, padding_free=False,
+        # use_cache: Trainer copies it into the model's config, which the saved model (and its generation) keeps.
+        save_strategy="no", report_to="none", disable_tqdm=True, packing=False, padding_free=False, use_cache=True,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
     )
 
@@ -117,6 +118,7 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
               max_steps: int | None = None) -> dict[str, Any]:
     """Run SFT from ``base_dir`` and write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
     train, val, counts = sft_examples(workspace, recipe, model_params)
+    modeling.configure_cpu_threads()
     spec = base_model.canvas_spec(recipe)
     train_ds = data.to_dataset(train, workspace, spec)
     eval_ds = data.to_dataset(val, workspace, spec) if val else None
