@@ -236,11 +236,11 @@ def review_import(file: Annotated[Path, typer.Argument(help="Completed task file
                   workspace: WorkspaceOpt = Path(".")) -> None:
     """Bring back clinician boxes/points/masks; the next run reruns only those samples."""
     from cogalign.workspace import Workspace
-    from cogalign_core import review
+    from cogalign_core import contract, review
 
     ws = Workspace.open(workspace)
     n = review.import_review(ws.root, file)
-    ws.commit(f"review import: {n} clinician prompts", ["data/review"])
+    ws.commit(f"review import: {n} clinician prompts", [contract.REVIEW])
     console.print(f"imported {n} clinician prompts; `cogalign run` picks them up")
 
 
@@ -315,6 +315,7 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
     from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
     from cogalign.workspace import Workspace, WorkspaceError, register
+    from cogalign_core import contract
     from cogalign_core.train.recipe import ARM_METHODS
 
     try:
@@ -325,7 +326,7 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
         outcome = run_pipeline(ws.root, until="evaluate", commit=not no_commit)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
-    report = ws.root / "data" / "evaluate" / "report.html"
+    report = ws.root / contract.REPORT
     training = ("base_model", *ARM_METHODS)
     retrained = [s["stage"] for s in outcome.stages if s["ran"] and s["stage"] in training]
     console.print(f"report: {report}" + (f"  (retrained: {', '.join(retrained)})" if retrained else ""))

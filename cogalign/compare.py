@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-METRICS_PATH = "data/evaluate/metrics.json"
+from cogalign_core.contract import METRICS as METRICS_PATH
 
 
 @dataclass(frozen=True)

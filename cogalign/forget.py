@@ -44,8 +44,8 @@ from cogalign.retrain import (
     write_ledger,
 )
 from cogalign.runner import run_pipeline, workspace_lock
-from cogalign.workspace import CLINICIAN_LABELS, Workspace, WorkspaceError, track_raw_batch
-from cogalign_core import review, tables
+from cogalign.workspace import Workspace, WorkspaceError, track_raw_batch
+from cogalign_core import contract, review, tables
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.privacy import salted_hash
 
@@ -69,9 +69,9 @@ class ForgetOutcome:
 
 
 def _samples(ws: Workspace) -> list[dict[str, Any]]:
-    path = ws.root / "data" / "ingest" / "samples.parquet"
+    path = ws.root / contract.SAMPLES
     if not path.exists():
-        raise WorkspaceError("data/ingest/samples.parquet missing: run the pipeline before forgetting samples")
+        raise WorkspaceError(f"{contract.SAMPLES} missing: run the pipeline before forgetting samples")
     return tables.read_rows(path)
 
 
@@ -99,7 +99,7 @@ def _raw_files(ws: Workspace, targets: list[dict[str, Any]]) -> dict[str, list[s
     """batch id -> raw files (relative to ``data/raw/<batch>/files``) holding the targets' pixels."""
     index = raw_file_index(ws)
     keys = {(t["batch_id"], t["name_hash"]) for t in targets}
-    dup_path = ws.root / "data" / "ingest" / "duplicates.parquet"
+    dup_path = ws.root / contract.DUPLICATES
     ids = {t["sample_id"] for t in targets}
     if dup_path.exists():  # identical pixels registered under another name are the same image
         keys |= {(d["batch_id"], d["name_hash"]) for d in tables.read_rows(dup_path) if d["duplicate_of"] in ids}
@@ -108,7 +108,7 @@ def _raw_files(ws: Workspace, targets: list[dict[str, Any]]) -> dict[str, list[s
         path = index.get((batch, name_hash))
         if path is None:
             raise WorkspaceError(f"a target's raw file in batch {batch} could not be found (was the salt changed?)")
-        out.setdefault(batch, []).append(path.split("/files/", 1)[1])
+        out.setdefault(batch, []).append(path.removeprefix(contract.raw_batch_files(batch) + "/"))
     return out
 
 
@@ -153,8 +153,8 @@ def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, li
     salt = ws.params.privacy.salt
     removed, digests = 0, []
     for batch, rels in per_batch.items():
-        root = ws.root / "data" / "raw" / batch
-        files_root = root / "files"
+        root = ws.root / contract.raw_batch(batch)
+        files_root = ws.root / contract.raw_batch_files(batch)
         doomed = sorted({r for rel in rels for r in (rel, *_seg_masks(files_root, rel))})
         for rel in doomed:
             path = files_root / rel
@@ -170,7 +170,7 @@ def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, li
 
 
 def _adjust_batch_counts(batch_root: Path, size: int) -> None:
-    meta_path = batch_root / "batch.json"
+    meta_path = batch_root / contract.RAW_BATCH_RECORD
     meta = json.loads(meta_path.read_text())
     entries = meta.get("entries", {})
     entries["files"] = int(entries.get("files", 1)) - 1
@@ -180,7 +180,7 @@ def _adjust_batch_counts(batch_root: Path, size: int) -> None:
 
 
 def _derived_ids(ws: Workspace, ids: set[str]) -> set[str]:
-    path = ws.root / "data" / "counterfactual" / "counterfactuals.parquet"
+    path = ws.root / contract.COUNTERFACTUALS
     if not path.exists():
         return set()
     return {c["sample_id"] for c in tables.read_rows(path) if c["parent_sample_id"] in ids}
@@ -189,7 +189,7 @@ def _derived_ids(ws: Workspace, ids: set[str]) -> set[str]:
 def _drop_clinician_rows(ws: Workspace, ids: set[str]) -> int:
     """Remove the targets' clinician labels, prompts and stored clinician masks; return rows removed."""
     removed = 0
-    labels = ws.root / CLINICIAN_LABELS
+    labels = ws.root / contract.CLINICIAN_LABELS
     if labels.exists():
         lines = labels.read_text().splitlines(keepends=True)
         keep = [ln for i, ln in enumerate(lines) if i == 0 or ln.split(",", 1)[0].strip() not in ids]

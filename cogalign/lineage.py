@@ -11,16 +11,14 @@ from typing import Any
 
 from cogalign.dag import paths_overlap
 from cogalign.workspace import Workspace, WorkspaceError
-from cogalign_core import tables
+from cogalign_core import contract, tables
 from cogalign_core.privacy import salted_hash
 
 REDACTED = "<redacted>"
-# Which annotation splits each training stage learns from (evaluate reads the test splits).
+# Which annotation splits each stage learns from or scores, and whether it reads counterfactuals: the
+# contract's deps say it (evaluate scores the test sections).
 STAGE_SPLITS: dict[str, tuple[str, ...]] = {
-    "base_model": ("train",), "sft": ("train", "val"), "rl_no_cf": ("train",), "rl": ("train",),
-    "evaluate": ("test", "external_test"),
-}
-USES_COUNTERFACTUALS = {"rl", "evaluate"}
+    stage: splits for stage in contract.STAGES if (splits := contract.consumed_splits(stage))}
 
 
 def _lock(ws: Workspace) -> dict[str, Any]:
@@ -71,7 +69,7 @@ def stage_chain(lock: dict[str, Any], stage: str) -> list[str]:
 def _stage_record(ws: Workspace, lock: dict[str, Any], name: str) -> dict[str, Any]:
     entry = lock[name]
     base = name.split("@", 1)[0]
-    fingerprint_path = ws.root / "code" / f"{base}.json"
+    fingerprint_path = ws.root / contract.fingerprint(base)
     fingerprint = json.loads(fingerprint_path.read_text()) if fingerprint_path.exists() else {}
     record: dict[str, Any] = {
         "stage": name,
@@ -83,7 +81,7 @@ def _stage_record(ws: Workspace, lock: dict[str, Any], name: str) -> dict[str, A
                  "sources_sha256": _digest(json.dumps(fingerprint.get("sources", {}), sort_keys=True))},
     }
     for out in entry.get("outs", []):
-        prov = ws.root / out["path"] / "provenance.json"
+        prov = ws.root / out["path"] / contract.PROVENANCE
         if prov.exists():
             record["packages"] = json.loads(prov.read_text()).get("packages")
     return record
@@ -110,28 +108,28 @@ def raw_file_index(ws: Workspace) -> dict[tuple[str, str], str]:
     salt = ws.params.privacy.salt
     index: dict[tuple[str, str], str] = {}
     for batch in ws.params.batches:
-        files = ws.root / "data" / "raw" / batch / "files"
+        files = ws.root / contract.raw_batch_files(batch)
         if not files.is_dir():
             continue
         for path in files.rglob("*"):
             if path.is_file():
                 rel = path.relative_to(files).as_posix()
-                index[(batch, salted_hash(rel, salt))] = f"data/raw/{batch}/files/{rel}"
+                index[(batch, salted_hash(rel, salt))] = f"{contract.raw_batch_files(batch)}/{rel}"
     return index
 
 
 def _samples(ws: Workspace) -> dict[str, dict[str, Any]]:
-    path = ws.root / "data" / "ingest" / "samples.parquet"
+    path = ws.root / contract.SAMPLES
     return {r["sample_id"]: r for r in tables.read_rows(path)} if path.exists() else {}
 
 
 def _annotations(ws: Workspace) -> list[dict[str, Any]]:
-    path = ws.root / "data" / "annotate" / "annotations.parquet"
+    path = ws.root / contract.ANNOTATIONS
     return tables.read_rows(path) if path.exists() else []
 
 
 def _counterfactuals(ws: Workspace) -> list[dict[str, Any]]:
-    path = ws.root / "data" / "counterfactual" / "counterfactuals.parquet"
+    path = ws.root / contract.COUNTERFACTUALS
     return tables.read_rows(path) if path.exists() else []
 
 
@@ -147,7 +145,7 @@ def artifact_lineage(ws: Workspace, target: str) -> dict[str, Any]:
         raise WorkspaceError(f"no stage in dvc.lock produces {path}")
     chain = stage_chain(lock, stage)
     raw_batches = sorted({d["path"] for s in chain for d in lock[s].get("deps", [])
-                          if d["path"].startswith("data/raw/")})
+                          if contract.is_under(d["path"], contract.RAW)})
     record: dict[str, Any] = {
         "target": path, "kind": "artifact", "stage": stage, **_revision(ws),
         "chain": [_stage_record(ws, lock, s) for s in chain], "raw_batches": raw_batches,
@@ -198,7 +196,7 @@ def sample_lineage(ws: Workspace, sample_id: str) -> dict[str, Any]:
         record["split"] = ann["split"]
         record["labels"] = {lv: {"term": ann[lv], "source": ann[f"{lv}_source"]}
                             for lv in ("location", "morphology", "microvascular", "diagnosis")}
-    masks_path = ws.root / "data" / "masks" / "masks.parquet"
+    masks_path = ws.root / contract.MASKS_TABLE
     if masks_path.exists():
         record["masks"] = [{k: m.get(k) for k in ("mask_path", "source", "accepted") if k in m}
                            for m in tables.read_rows(masks_path) if m["sample_id"] == sample_id]
@@ -208,14 +206,24 @@ def sample_lineage(ws: Workspace, sample_id: str) -> dict[str, Any]:
     split = record.get("split")
     record["used_by"] = sorted(
         st for st, splits in STAGE_SPLITS.items()
-        if (split in splits) or (st in USES_COUNTERFACTUALS and any(c["split"] in splits and not c.get("excluded")
+        if (split in splits) or (_read_counterfactuals(ws, st) and any(c["split"] in splits and not c.get("excluded")
                                                                    for c in derived)))
-    preds = ws.root / "data" / "evaluate" / "predictions.parquet"
+    preds = ws.root / contract.PREDICTIONS
     if preds.exists():
         ids = {sample_id} | {c["sample_id"] for c in derived}
         record["predictions"] = [{k: p.get(k) for k in ("model", "condition", "sample_id", "completion")
                                   if k in p} for p in tables.read_rows(preds) if p.get("sample_id") in ids]
     return record
+
+
+def _read_counterfactuals(ws: Workspace, stage: str) -> bool:
+    """Whether a stage's run read counterfactual images: its provenance inputs say so once it ran
+    (a recipe may leave them out); before that, the contract's deps."""
+    prov = ws.root / contract.stage_dir(stage) / contract.PROVENANCE
+    if prov.is_file():
+        inputs = json.loads(prov.read_text()).get("inputs", {})
+        return any(contract.is_under(p, contract.COUNTERFACTUAL) for p in inputs)
+    return contract.uses_counterfactuals(stage)
 
 
 def lineage(ws: Workspace, target: str) -> dict[str, Any]:
@@ -235,7 +243,7 @@ def to_mermaid(record: dict[str, Any]) -> str:
         for st in record["chain"]:
             lines.append(f'  {node(st["stage"])}["{st["stage"]}"]')
             for d in st["deps"]:
-                if d["path"].startswith("data/raw/"):
+                if contract.is_under(d["path"], contract.RAW):
                     lines.append(f'  {node(d["path"])}[("{d["path"]}")] --> {node(st["stage"])}')
         for st in record["chain"]:
             for d in st["deps"]:

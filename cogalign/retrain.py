@@ -34,21 +34,21 @@ from typing import Any
 
 from cogalign.runner import is_up_to_date, run_pipeline, workspace_lock
 from cogalign.workspace import Workspace, WorkspaceError, register
-from cogalign_core import metrics, tables
+from cogalign_core import contract, metrics, tables
 from cogalign_core.evaluate import scored_rows
 from cogalign_core.io import atomic_write_json, sha256_file
 from cogalign_core.privacy import salted_hash
 from cogalign_core.promotion import decide
 from cogalign_core.raw_batch import IMAGE_SUFFIXES
 
-REGISTRY_DIR = Path("data/registry")
-LEDGER = REGISTRY_DIR / "drop_ledger.json"
-FORGOTTEN = REGISTRY_DIR / "forgotten.json"
-CHAMPION = REGISTRY_DIR / "champion.json"
-CHAMPION_PREDICTIONS = REGISTRY_DIR / "champion_predictions.parquet"
-DECISIONS_DIR = REGISTRY_DIR / "decisions"
-PREDICTIONS = Path("data/evaluate/predictions.parquet")
-ANNOTATIONS = Path("data/annotate/annotations.parquet")
+REGISTRY_DIR = Path(contract.REGISTRY)
+LEDGER = Path(contract.DROP_LEDGER)
+FORGOTTEN = Path(contract.FORGOTTEN)
+CHAMPION = Path(contract.CHAMPION)
+CHAMPION_PREDICTIONS = Path(contract.CHAMPION_PREDICTIONS)
+DECISIONS_DIR = Path(contract.DECISIONS)
+PREDICTIONS = Path(contract.PREDICTIONS)
+ANNOTATIONS = Path(contract.ANNOTATIONS)
 DIGEST_LENGTH = 32
 PromptKey = tuple[str, str, str, str]
 
@@ -247,10 +247,10 @@ def compare_with_champion(ws: Workspace) -> dict[str, Any]:
         "comparison": {"champion_prompts": len(champion_rows), "challenger_prompts": len(challenger_rows),
                        "common_prompts": len(common)},
         "challenger": {"model": p.candidate, "revision": ws.revision(),
-                       "model_md5": _lock_md5(lock, f"data/{p.candidate}"),
-                       "evaluation_md5": _lock_md5(lock, "data/evaluate"),
+                       "model_md5": _lock_md5(lock, contract.stage_dir(p.candidate)),
+                       "evaluation_md5": _lock_md5(lock, contract.EVALUATE),
                        "metrics_all_prompts": challenger_metrics,
-                       "lineage": compact_lineage(ws, f"data/{p.candidate}/model")},
+                       "lineage": compact_lineage(ws, contract.model_dir(p.candidate))},
         "champion": None,
     }
     if champion is None:
@@ -326,7 +326,7 @@ class RetrainOutcome:
 
 
 def _batch_ingest_summary(ws: Workspace, batch: str) -> dict[str, Any] | None:
-    path = ws.root / "data" / "ingest" / "batches" / batch / "summary.json"
+    path = ws.root / contract.ingest_batch(batch) / contract.SUMMARY
     if not path.exists():
         return None
     s = json.loads(path.read_text())

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
+from cogalign_core import contract
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
 LOCK_FILE = STATE_DIR / "run.lock"
@@ -86,7 +87,7 @@ def clean_after_kill(ws: Workspace) -> list[str]:
     if pgid is not None:
         cleaned.append(f"process group {pgid}")
     cleaned += [f"DVC lock of dead process {pid}" for pid in release_dead_dvc_locks(ws.root)]
-    cleaned += [str(p.relative_to(ws.root)) for p in remove_stale_temps(ws.root / "data")]
+    cleaned += [str(p.relative_to(ws.root)) for p in remove_stale_temps(ws.root / contract.DATA)]
     return cleaned
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from cogalign.workspace import Workspace, WorkspaceError
-from cogalign_core.evaluate import OUT_DIR as EVALUATE_DIR
+from cogalign_core import contract
 from cogalign_core.evaluate import scored_rows
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.study import render_markdown, study_table
 
 STUDIES_DIR = Path("studies")
 STANDARD = "standard"
-PREDICTIONS = (EVALUATE_DIR / "predictions.parquet").as_posix()
+PREDICTIONS = contract.PREDICTIONS
 
 
 @dataclass(frozen=True)

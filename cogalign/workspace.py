@@ -19,14 +19,13 @@ from typing import Any
 
 import yaml
 
-from cogalign_core import raw_batch, review
+from cogalign_core import contract, raw_batch, review
+from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params, load_params
 from cogalign_core.io import atomic_write_text
 from cogalign_core.stage import STAGES, fingerprint_text
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml")
-CLINICIAN_LABELS = Path("clinician/labels.csv")
-CLINICIAN_LABELS_HEADER = "sample_id,location,morphology,microvascular,diagnosis,paris\n"
 STATE_DIR = Path(".cogalign")
 RUNS_DIR = STATE_DIR / "runs"
 REMOTE_DIR = Path(".dvcstore")
@@ -84,7 +83,7 @@ class Workspace:
         """Rewrite ``code/<stage>.json`` where the installed code differs; return changed stages."""
         changed = []
         for stage in STAGES:
-            path = self.root / "code" / f"{stage}.json"
+            path = self.root / contract.fingerprint(stage)
             text = fingerprint_text(stage)
             if not path.exists() or path.read_text() != text:
                 atomic_write_text(path, text)
@@ -94,8 +93,9 @@ class Workspace:
     # ------------------------------------------------------------------ git
     def commit(self, message: str, paths: list[str] | None = None) -> str | None:
         """Commit ``paths`` (default: pipeline metadata) if anything changed; return the new revision."""
-        default = ["dvc.yaml", "dvc.lock", PARAMS_FILE, "prefect.yaml", "code", "clinician", ".gitignore",
-                   "data", ".dvc/config", ".dvcignore"]
+        default = ["dvc.yaml", "dvc.lock", PARAMS_FILE, "prefect.yaml", contract.CODE,
+                   Path(contract.CLINICIAN_LABELS).parent.as_posix(), ".gitignore", contract.DATA, ".dvc/config",
+                   ".dvcignore"]
         existing = [p for p in (paths or default) if (self.root / p).exists()]
         self.git("add", "--", *existing)
         if self.git("diff", "--cached", "--quiet", check=False).returncode == 0:
@@ -170,7 +170,7 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
                 raise WorkspaceError(f"unknown recipe {recipe!r}; recipes: {', '.join(families())}")
             params.model.recipe = recipe
         ws.write_params(params)
-        atomic_write_text(root / CLINICIAN_LABELS, CLINICIAN_LABELS_HEADER)
+        atomic_write_text(root / contract.CLINICIAN_LABELS, CLINICIAN_CSV_HEADER)
         review.ensure_prompts_file(root)  # clinician prompts: empty until the first review import
         atomic_write_text(root / ".gitignore", GITIGNORE)
         (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
@@ -192,26 +192,26 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
         raise WorkspaceError(f"{source} is not a directory")
     if role not in ("train", "test"):
         raise WorkspaceError(f"--role must be train or test, not {role!r}")
-    raw_root = ws.root / "data" / "raw"
+    raw_root = ws.root / contract.RAW
     batch_id = raw_batch.next_batch_id(raw_root)
     try:
         raw_batch.register_batch(src, raw_root, batch_id, layout=layout, role=role, dataset=dataset)
     except ValueError as exc:
         shutil.rmtree(raw_root / batch_id, ignore_errors=True)
         raise WorkspaceError(str(exc)) from exc
-    rel = f"data/raw/{batch_id}"
+    rel = contract.raw_batch(batch_id)
     params = ws.params
     track_raw_batch(ws, batch_id, params.privacy.push_raw)
     params.batches.append(batch_id)
     ws.write_params(params)
     ws.commit(message or f"register raw batch {batch_id} ({role})",
-              [f"{rel}.dvc", "data/raw/.gitignore", PARAMS_FILE])
+              [f"{rel}.dvc", f"{contract.RAW}/.gitignore", PARAMS_FILE])
     return batch_id
 
 
 def track_raw_batch(ws: Workspace, batch_id: str, push_allowed: bool) -> None:
     """``dvc add`` a raw batch, relinked from the cache, with its push flag set (patient-data zone)."""
-    rel = f"data/raw/{batch_id}"
+    rel = contract.raw_batch(batch_id)
     ws.dvc("add", "-q", rel)
     # `dvc add` leaves a copy in place; relink so the batch is stored once (cache.type links).
     ws.dvc("checkout", "-q", "--relink", f"{rel}.dvc")
@@ -240,7 +240,7 @@ def set_raw_push(dvc_file: Path, allowed: bool) -> bool:
 def push(ws: Workspace) -> str:
     """``dvc push`` the workspace's outputs; raw batches only when ``privacy.push_raw`` allows it."""
     allowed = ws.params.privacy.push_raw
-    changed = [str(f.relative_to(ws.root)) for f in sorted((ws.root / "data" / "raw").glob("*.dvc"))
+    changed = [str(f.relative_to(ws.root)) for f in sorted((ws.root / contract.RAW).glob("*.dvc"))
                if set_raw_push(f, allowed)]
     if changed:
         ws.commit(f"raw zone push {'allowed' if allowed else 'disabled'} (privacy.push_raw)", changed)

@@ -25,18 +25,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cogalign_core import answer_format, tables, taxonomy
+from cogalign_core import answer_format, contract, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.annotate import SplitParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 
-OUT_DIR = Path("data/annotate")
+OUT_DIR = Path(contract.ANNOTATE)
 
 
 def split_path(split: str) -> Path:
     """Workspace-relative path of one split's annotation table (same schema as annotations.parquet)."""
-    return OUT_DIR / f"split_{split}.parquet"
+    return Path(contract.annotation_split(split))
 
 
 def write_annotation_tables(rows: list[dict[str, Any]], workspace: Path) -> None:
@@ -53,10 +53,11 @@ def write_annotation_tables(rows: list[dict[str, Any]], workspace: Path) -> None
                           tables.ANNOTATIONS, "annotations")
 
 
-SAMPLES = Path("data/ingest/samples.parquet")
+SAMPLES = Path(contract.SAMPLES)
 # Components smaller than this fraction of the frame are mask noise, not lesions.
 MIN_COMPONENT_FRACTION = 0.0005
 CLINICIAN_LEVEL_COLUMNS = ("location", "morphology", "microvascular", "diagnosis")
+CLINICIAN_CSV_HEADER = ",".join(("sample_id", *CLINICIAN_LEVEL_COLUMNS, "paris")) + "\n"
 
 
 @dataclass(frozen=True)

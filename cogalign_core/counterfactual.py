@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, io, tables, taxonomy
+from cogalign_core import answer_format, contract, io, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.counterfactual import CounterfactualParams
 from cogalign_core.executor import map_items
@@ -53,10 +53,10 @@ from cogalign_core.segmenters.quality import touches_border
 log = logging.getLogger(__name__)
 
 STAGE = "counterfactual"
-OUT_DIR = Path("data/counterfactual")
-MASKS_PATH = Path("data/masks/masks.parquet")
-ANNOTATIONS_PATH = Path("data/annotate/annotations.parquet")
-TABLE_FILE = "counterfactuals.parquet"
+OUT_DIR = Path(contract.COUNTERFACTUAL)
+MASKS_PATH = Path(contract.MASKS_TABLE)
+ANNOTATIONS_PATH = Path(contract.ANNOTATIONS)
+TABLE_FILE = Path(contract.COUNTERFACTUALS).name
 
 KINDS: tuple[str, ...] = ("counterfactual_normal", "control", "both")
 EXCLUSION_REASONS: tuple[str, ...] = (

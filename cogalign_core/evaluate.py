@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, metrics, report, tables, taxonomy
+from cogalign_core import answer_format, contract, metrics, report, tables, taxonomy
 from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canvas
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
@@ -37,9 +37,9 @@ from cogalign_core.provenance import write_provenance
 from cogalign_core.train.recipe import ARM_METHODS
 
 STAGE = "evaluate"
-OUT_DIR = Path("data/evaluate")
-ANNOTATIONS_PATH = Path("data/annotate/annotations.parquet")
-COUNTERFACTUALS_PATH = Path("data/counterfactual/counterfactuals.parquet")
+OUT_DIR = Path(contract.EVALUATE)
+ANNOTATIONS_PATH = Path(contract.ANNOTATIONS)
+COUNTERFACTUALS_PATH = Path(contract.COUNTERFACTUALS)
 SECTIONS: tuple[str, ...] = ("test", "external_test")
 RECIPE_METHOD: dict[str, str] = {"base_model": "sft", **ARM_METHODS}
 BLANK_ID = "blank"
@@ -370,7 +370,7 @@ def model_dir(workspace: Path, model_name: str) -> Path:
         from cogalign_core.train.base_model import resolve_base_model_dir
 
         return resolve_base_model_dir(workspace)
-    return workspace / "data" / model_name / "model"
+    return workspace / contract.model_dir(model_name)
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) -> None:
@@ -451,5 +451,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     })
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([COUNTERFACTUALS_PATH.as_posix()] if counterfactuals else [])
     # A real base model lives outside the workspace: its identity (name, revision, hash) is in base_model.json.
-    inputs += [f"data/{m}/model" if m != "base_model" else "data/base_model/base_model.json" for m in ep.models]
+    inputs += [contract.model_dir(m) if m != "base_model" else contract.BASE_MODEL_REFERENCE for m in ep.models]
     write_provenance(out, STAGE, ws, inputs, {"evaluate": ep.model_dump(mode="json"), "recipe": params.model.recipe})

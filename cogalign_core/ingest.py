@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from cogalign_core import imaging, tables
+from cogalign_core import contract, imaging, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import default_workers, map_items
 from cogalign_core.io import atomic_dir, atomic_write_json, sha256_bytes
@@ -47,9 +47,9 @@ from cogalign_core.privacy import salted_hash
 from cogalign_core.provenance import write_provenance
 from cogalign_core.raw_batch import FILES_DIR, read_batch
 
-INGEST_DIR = Path("data/ingest")
-RAW_DIR = Path("data/raw")
-BATCHES_DIR = INGEST_DIR / "batches"
+INGEST_DIR = Path(contract.INGEST)
+RAW_DIR = Path(contract.RAW)
+BATCHES_DIR = Path(contract.INGEST_BATCHES)
 
 STEM_COLUMNS = ("id", "frame", "image", "filename", "file", "name", "stem")
 GROUP_COLUMNS = ("sequence", "patient", "patient_id", "sequence_id", "near_duplicate_group")
@@ -618,7 +618,7 @@ def run_batch_stage(workspace: Path, params: PipelineParams, item: str | None) -
         tables.write_rows(quarantine, tmp / "quarantine.parquet", tables.QUARANTINE, "quarantine")
         tables.write_rows(duplicates, tmp / "duplicates.parquet", tables.DUPLICATES, "duplicates")
         atomic_write_json(tmp / "summary.json", _batch_summary(batch, plan, counts, records, quarantine, duplicates))
-        write_provenance(tmp, "ingest_batch", ws, [f"{RAW_DIR.as_posix()}/{item}/batch.json"],
+        write_provenance(tmp, "ingest_batch", ws, [contract.raw_batch_record(item)],
                          {"ingest": cfg.model_dump(mode="json", exclude={"workers"})}, extra={"batch_id": item})
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import io, tables, taxonomy
+from cogalign_core import contract, io, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.masks import MaskParams
 from cogalign_core.executor import map_items
+from cogalign_core.mask_codec import encode_mask_png
 from cogalign_core.provenance import write_provenance
 from cogalign_core.review import read_clinician_prompts
 from cogalign_core.segmenters import BASELINE, Prompt, PromptNeedsBox, build_segmenter
@@ -47,10 +47,10 @@ from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
 log = logging.getLogger(__name__)
 
 STAGE = "masks"
-OUT_DIR = Path("data/masks")
-ANNOTATIONS_PATH = Path("data/annotate/annotations.parquet")
-MASKS_FILE = "masks.parquet"
-REVIEW_FILE = "review.parquet"
+OUT_DIR = Path(contract.MASKS)
+ANNOTATIONS_PATH = Path(contract.ANNOTATIONS)
+MASKS_FILE = Path(contract.MASKS_TABLE).name
+REVIEW_FILE = Path(contract.MASK_REVIEW).name
 
 STATUSES: tuple[str, ...] = ("accepted", "review", "no_lesion")
 SOURCES: tuple[str, ...] = ("clinician", "ground_truth", "sam", "box_ellipse", "grabcut")
@@ -154,13 +154,6 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)`` of an image file."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Deterministic PNG bytes of a bool mask as single-channel {0, 255}."""
-    buf = BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 def build_prompts(task: SampleTask, shape: tuple[int, int], gt: np.ndarray | None) -> tuple[list[Prompt], str | None]:

@@ -27,13 +27,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cogalign_core import taxonomy
+from cogalign_core import contract, taxonomy
 from cogalign_core.io import atomic_dir, atomic_write_json
 
 LAYOUTS: tuple[str, ...] = ("seg", "classes", "manifest", "collection")
 ROLES: tuple[str, ...] = ("train", "test")
-BATCH_FILE = "batch.json"
-FILES_DIR = "files"
+BATCH_FILE = contract.RAW_BATCH_RECORD
+FILES_DIR = contract.RAW_FILES
 BATCH_FORMAT_VERSION = 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",
                             ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".tga", ".dib"})

@@ -25,12 +25,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from cogalign_core import io, tables
+from cogalign_core import contract, io, tables
 
-REVIEW_DIR = Path("data/review")
-PROMPTS_PATH = REVIEW_DIR / "clinician_prompts.parquet"
-CLINICIAN_MASK_DIR = REVIEW_DIR / "masks"
-IMPORT_REPORT = REVIEW_DIR / "last_import.json"
+REVIEW_DIR = Path(contract.REVIEW)
+PROMPTS_PATH = Path(contract.CLINICIAN_PROMPTS)
+CLINICIAN_MASK_DIR = Path(contract.CLINICIAN_MASKS)
+IMPORT_REPORT = Path(contract.REVIEW_IMPORT_REPORT)
 
 POINT = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("label", pa.int8())])
 
@@ -89,10 +89,8 @@ def ensure_prompts_file(workspace: Path) -> Path:
 
 def export_review(workspace: Path, out: Path) -> int:
     """Write the review queue as a task file (``.csv`` or ``.json`` by suffix); return the row count."""
-    from cogalign_core.masks import OUT_DIR, REVIEW_FILE
-
     ws = Path(workspace).resolve()
-    rows = tables.read_rows(ws / OUT_DIR / REVIEW_FILE, "mask_review")
+    rows = tables.read_rows(ws / contract.MASK_REVIEW, "mask_review")
     tasks = []
     for r in rows:
         tasks.append({
@@ -128,13 +126,11 @@ def import_review(workspace: Path, file: Path) -> int:
 
 def import_review_report(workspace: Path, file: Path) -> ImportReport:
     """Validate every row of ``file``, merge the good ones into the clinician prompt table."""
-    from cogalign_core.masks import ANNOTATIONS_PATH
-
     ws = Path(workspace).resolve()
     file = Path(file).resolve()
     raw_rows = _read_task_file(file)
     frames = {a["sample_id"]: (a["width"], a["height"])
-              for a in tables.read_rows(ws / ANNOTATIONS_PATH, "annotations")}
+              for a in tables.read_rows(ws / contract.ANNOTATIONS, "annotations")}
     import_sha = io.sha256_file(file)
     report = ImportReport()
     new: dict[str, dict[str, Any]] = {}
@@ -228,7 +224,7 @@ def _validate_row(raw: dict[str, Any], frame: tuple[int, int], ws: Path, base: P
 
 
 def _store_clinician_mask(value: str, shape: tuple[int, int], ws: Path, base: Path) -> tuple[str, str]:
-    from cogalign_core.masks import encode_mask_png
+    from cogalign_core.mask_codec import encode_mask_png
     from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
 
     candidate = Path(value)

@@ -15,7 +15,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from cogalign_core import raw_batch, review
+from cogalign_core import contract, raw_batch, review
+from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params
 from cogalign_core.io import atomic_write_text
 from cogalign_core.stage import run as run_stage
@@ -23,8 +24,6 @@ from cogalign_core.stage import run as run_stage
 SAMPLE_PACKAGE = "cogalign_core.sample_data"
 DATA_STAGES: tuple[str, ...] = ("ingest_batch", "ingest", "annotate", "masks", "counterfactual")
 BATCH = "b0001"
-CLINICIAN_LABELS = Path("clinician/labels.csv")
-CLINICIAN_HEADER = "sample_id,location,morphology,microvascular,diagnosis,paris\n"
 
 
 def sample_root() -> Path:
@@ -80,14 +79,14 @@ def build_stage_tables(root: Path, per_dataset: int = 24, params: PipelineParams
     root = Path(root)
     root.mkdir(parents=True)
     source = subset_sample(root / "_source", per_dataset)
-    raw_batch.register_batch(source, root / "data" / "raw", BATCH, layout="collection", role="train")
+    raw_batch.register_batch(source, root / contract.RAW, BATCH, layout="collection", role="train")
     shutil.rmtree(source)
     p = (params or PipelineParams()).model_copy(deep=True)
     p.batches = [BATCH]
     if not p.privacy.salt:
         p.privacy.salt = "sample-workspace-" + "0" * 32
     atomic_write_text(root / PARAMS_FILE, dump_params(p))
-    atomic_write_text(root / CLINICIAN_LABELS, CLINICIAN_HEADER)
+    atomic_write_text(root / contract.CLINICIAN_LABELS, CLINICIAN_CSV_HEADER)
     review.ensure_prompts_file(root)
     for stage in DATA_STAGES:
         run_stage(stage, BATCH if stage == "ingest_batch" else None, root)

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 from cogalign.dag import StageNode, downstream_closure, pipeline_stages, upstream_closure
 from cogalign.tasks.dvc_stage import dvc_stage
 from cogalign.workspace import Workspace
+from cogalign_core import contract
 
 
 def select_stages(stages: list[StageNode], until: str | None = None, from_stage: str | None = None) -> list[str]:
@@ -82,7 +83,7 @@ def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], res
 
 def _publish_evaluation(ws: Workspace) -> None:
     """Metrics table artifact and a link to the HTML report."""
-    metrics_path = ws.root / "data" / "evaluate" / "metrics.json"
+    metrics_path = ws.root / contract.METRICS
     if not metrics_path.exists():
         return
     from cogalign.compare import flatten_figures
@@ -94,6 +95,6 @@ def _publish_evaluation(ws: Workspace) -> None:
             for key, v in sorted(figures.items()) if ".by_source." not in key]
     if rows:
         create_table_artifact(key="evaluation-metrics", table=rows, description="evaluation metrics (95% CI)")
-    report = ws.root / "data" / "evaluate" / "report.html"
+    report = ws.root / contract.REPORT
     create_markdown_artifact(key="evaluation-report",
                              markdown=f"Evaluation report: [{report}](file://{report})", description="report link")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cogalign_core import contract
+
 
 class SplitParams(BaseModel):
     """Group-aware, hash-based split assignment."""
@@ -28,7 +30,7 @@ class AnnotateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     clinician_csv: str | None = Field(
-        "clinician/labels.csv",
+        contract.CLINICIAN_LABELS,
         description="Workspace-relative CSV of clinician labels (sample_id plus any of location, morphology, "
         "microvascular, diagnosis, paris); overrides dataset labels with provenance 'clinician'.")
     split: SplitParams = Field(default_factory=SplitParams, description=SplitParams.__doc__)

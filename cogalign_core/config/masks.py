@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cogalign_core import contract
+
 SegmenterName = Literal["sam", "box_ellipse", "grabcut", "ground_truth"]
 PromptSegmenterName = Literal["sam", "box_ellipse", "grabcut"]
 
@@ -71,7 +73,7 @@ class MaskParams(BaseModel):
     grabcut_iterations: int = Field(5, ge=1, description="GrabCut iterations per box.")
     seed: int = Field(0, description="Seed of OpenCV's RNG (cv2.setRNGSeed) before every GrabCut call.")
     clinician_prompts: str = Field(
-        "data/review/clinician_prompts.parquet",
+        contract.CLINICIAN_PROMPTS,
         description="Workspace-relative table written by `cogalign review import` (boxes, points, masks with "
         "provenance clinician); a DVC dependency of the mask stage. Missing file = no clinician prompts.")
     workers: int = Field(0, ge=0, description="Worker processes for per-image work (0 = all cores).")

@@ -21,16 +21,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cogalign_core import answer_format, canvas
+from cogalign_core import answer_format, canvas, contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_dir, atomic_write_json
 from cogalign_core.provenance import path_digest, write_provenance
 from cogalign_core.train import data
 from cogalign_core.train.recipe import Recipe, load_recipe
 
-OUT_DIR = Path("data/base_model")
-MODEL_DIR = OUT_DIR / "model"
-REFERENCE_FILE = OUT_DIR / "base_model.json"
+OUT_DIR = Path(contract.BASE_MODEL)
+MODEL_DIR = Path(contract.model_dir("base_model"))
+REFERENCE_FILE = Path(contract.BASE_MODEL_REFERENCE)
 IDENTITY_KEYS: tuple[str, ...] = ("kind", "name", "revision", "sha256")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja")
 OFFLINE_KINDS: tuple[str, ...] = ("tiny", "composed")  # built by this stage into data/base_model/model

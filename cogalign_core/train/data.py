@@ -27,12 +27,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cogalign_core import answer_format, canvas, taxonomy
+from cogalign_core import answer_format, canvas, contract, taxonomy
 from cogalign_core.config.model import ModelParams
 from cogalign_core.tables import read_rows
 
-ANNOTATE_DIR = Path("data/annotate")
-COUNTERFACTUAL_DIR = Path("data/counterfactual")
+ANNOTATE_DIR = Path(contract.ANNOTATE)
+COUNTERFACTUAL_DIR = Path(contract.COUNTERFACTUAL)
 ALL_SPLITS: tuple[str, ...] = ("train", "val", "test", "external_test")
 KINDS: tuple[str, ...] = ("real_lesion", "real_normal", "counterfactual_normal", "control")
 LEVEL_COLUMNS: tuple[str, ...] = taxonomy.LEVELS
@@ -111,7 +111,7 @@ def counterfactual_examples(cf_rows: Iterable[dict[str, Any]], annotations: Iter
 
 def split_table(folder: Path, split: str) -> str:
     """Workspace-relative path of one split's table in a stage folder."""
-    return (folder / f"split_{split}.parquet").as_posix()
+    return contract.split_table(Path(folder).as_posix(), split)
 
 
 def _split_rows(workspace: Path, folder: Path, splits: Sequence[str], stage: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from cogalign_core import contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
@@ -160,7 +161,7 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     start = workspace / SFT_MODEL
     if not (start / "config.json").is_file():
         raise FileNotFoundError(f"{start} not found: run the sft stage first")
-    out = workspace / "data" / stage
+    out = workspace / contract.stage_dir(stage)
     summary = train_grpo(workspace, recipe, start, out, params.model)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), SFT_MODEL.as_posix()]
     if recipe.grpo is not None and recipe.grpo.use_counterfactuals:

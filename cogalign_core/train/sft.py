@@ -25,6 +25,7 @@ from typing import Any
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from cogalign_core import contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
@@ -34,7 +35,7 @@ from cogalign_core.train.feature_cache import cached_tower
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
-OUT_DIR = Path("data/sft")
+OUT_DIR = Path(contract.stage_dir("sft"))
 LOG_COLUMNS: tuple[str, ...] = ("loss", "eval_loss", "learning_rate", "grad_norm")
 PARSE_CHECK_SAMPLES = 32
 
@@ -153,7 +154,7 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     recipe = stage_recipe(params.model.recipe, method, params.model)
     assert recipe.sft is not None
     base_dir = base_model.resolve_base_model_dir(workspace)
-    out = workspace / "data" / stage
+    out = workspace / contract.stage_dir(stage)
     summary = train_sft(workspace, recipe, base_dir, out, params.model)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
               base_model.REFERENCE_FILE.as_posix()]
