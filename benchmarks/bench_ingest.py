@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cogalign_core import ingest, raw_batch
+from cogalign_core import ingest, raw_batch, raw_layout
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
 from cogalign_core.executor import default_workers
 
@@ -85,7 +85,7 @@ def main() -> None:
         (ws / "params.yaml").write_text(dump_params(params))
         files_root = ws / "data/raw/b0001" / raw_batch.FILES_DIR
         paths = sorted(str(p) for p in files_root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in raw_batch.IMAGE_SUFFIXES)
+                       if p.is_file() and p.suffix.lower() in raw_layout.IMAGE_SUFFIXES)
         ours_times, bare_times = [], []
         for _ in range(max(1, args.repeats)):
             bare_times.append(bare_loop(paths, workers))

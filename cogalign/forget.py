@@ -24,8 +24,6 @@ and copies outside the workspace (drop folders, backups, other clones).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -45,11 +43,10 @@ from cogalign.retrain import (
 )
 from cogalign.runner import run_pipeline, workspace_lock
 from cogalign.workspace import Workspace, WorkspaceError, track_raw_batch
-from cogalign_core import contract, review, tables
+from cogalign_core import contract, raw_layout, review, tables
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.privacy import salted_hash
-
-GROUP_COLUMNS = ("patient", "patient_id", "sequence", "sequence_id", "group", "group_id", "near_duplicate_group")
+from cogalign_core.raw_batch import read_batch
 
 
 @dataclass
@@ -87,7 +84,8 @@ def resolve_samples(ws: Workspace, sample_id: str | None, patient: str | None) -
         return hit
     salt = ws.params.privacy.salt
     datasets = {r["dataset"] for r in rows}
-    hashes = {salted_hash(f"{ds}|{col}|{patient.strip()}", salt) for ds in datasets for col in GROUP_COLUMNS}
+    hashes = {salted_hash(raw_layout.group_text(ds, col, patient), salt)
+              for ds in datasets for col in raw_layout.PATIENT_COLUMNS}
     hit = [r for r in rows if r.get("group_id_hash") in hashes]
     if not hit:
         raise WorkspaceError("no sample of that patient id in this workspace (ids are matched through the "
@@ -112,42 +110,6 @@ def _raw_files(ws: Workspace, targets: list[dict[str, Any]]) -> dict[str, list[s
     return out
 
 
-def _seg_masks(files_root: Path, rel: str) -> list[str]:
-    """The seg-layout masks of an image ``<ds>/images/<stem>.*``: ``<ds>/masks/<stem>.*``."""
-    p = Path(rel)
-    if p.parent.name != "images":
-        return []
-    masks = files_root / p.parent.parent / "masks"
-    return sorted(m.relative_to(files_root).as_posix() for m in masks.glob(f"{p.stem}.*")) if masks.is_dir() else []
-
-
-def _drop_metadata_rows(files_root: Path, rel: str) -> None:
-    """Remove the image's entries from its dataset's bboxes.json / metadata.csv (they name the file)."""
-    p = Path(rel)
-    if p.parent.name != "images":
-        return
-    ds_root = files_root / p.parent.parent
-    stem = p.stem
-    bboxes = ds_root / "bboxes.json"
-    if bboxes.exists():
-        data = json.loads(bboxes.read_text())
-        if isinstance(data, dict) and stem in data:
-            del data[stem]
-            atomic_write_text(bboxes, json.dumps(data, indent=1))
-    meta = ds_root / "metadata.csv"
-    if meta.exists():
-        rows = list(csv.reader(io.StringIO(meta.read_text())))
-        if rows:
-            header, body = rows[0], rows[1:]
-            cols = [i for i, h in enumerate(header) if h.strip().lower() in ("id", "frame", "image", "filename",
-                                                                              "file", "name", "stem")]
-            keep = [r for r in body if not any(i < len(r) and Path(r[i].strip()).stem == stem for i in cols)]
-            if len(keep) != len(body):
-                buf = io.StringIO()
-                csv.writer(buf, lineterminator="\n").writerows([header, *keep])
-                atomic_write_text(meta, buf.getvalue())
-
-
 def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, list[str]]:
     """Delete raw files, re-track their batches; return (files removed, keyed content digests)."""
     salt = ws.params.privacy.salt
@@ -155,7 +117,8 @@ def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, li
     for batch, rels in per_batch.items():
         root = ws.root / contract.raw_batch(batch)
         files_root = ws.root / contract.raw_batch_files(batch)
-        doomed = sorted({r for rel in rels for r in (rel, *_seg_masks(files_root, rel))})
+        record = read_batch(ws.root / contract.RAW, batch)
+        doomed = sorted({r for rel in rels for r in (rel, *raw_layout.companions(record, files_root, rel))})
         for rel in doomed:
             path = files_root / rel
             digests.append(content_digest(path, salt))
@@ -164,7 +127,7 @@ def _remove_raw(ws: Workspace, per_batch: dict[str, list[str]]) -> tuple[int, li
             removed += 1
             _adjust_batch_counts(root, size)
         for rel in rels:
-            _drop_metadata_rows(files_root, rel)
+            raw_layout.drop_references(record, files_root, rel)
         track_raw_batch(ws, batch, ws.params.privacy.push_raw)
     return removed, digests
 

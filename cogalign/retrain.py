@@ -39,7 +39,7 @@ from cogalign_core.evaluate import scored_rows
 from cogalign_core.io import atomic_write_json, sha256_file
 from cogalign_core.privacy import salted_hash
 from cogalign_core.promotion import decide
-from cogalign_core.raw_batch import IMAGE_SUFFIXES
+from cogalign_core.raw_layout import IMAGE_SUFFIXES
 
 REGISTRY_DIR = Path(contract.REGISTRY)
 LEDGER = Path(contract.DROP_LEDGER)

@@ -39,25 +39,29 @@ from typing import Any
 
 import numpy as np
 
-from cogalign_core import contract, imaging, tables
+from cogalign_core import contract, imaging, raw_layout, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import default_workers, map_items
 from cogalign_core.io import atomic_dir, atomic_write_json, sha256_bytes
 from cogalign_core.privacy import salted_hash
 from cogalign_core.provenance import write_provenance
 from cogalign_core.raw_batch import FILES_DIR, read_batch
+from cogalign_core.raw_layout import (
+    GROUP_COLUMNS,
+    MANIFEST_BBOX_COLUMNS,
+    MANIFEST_GROUP_COLUMNS,
+    MANIFEST_LABEL_COLUMNS,
+    MANIFEST_MASK_COLUMNS,
+    MANIFEST_PATH_COLUMNS,
+    STEM_COLUMNS,
+)
+from cogalign_core.raw_layout import column as _column
+from cogalign_core.raw_layout import stem_key as _stem_key
 
 INGEST_DIR = Path(contract.INGEST)
 RAW_DIR = Path(contract.RAW)
 BATCHES_DIR = Path(contract.INGEST_BATCHES)
 
-STEM_COLUMNS = ("id", "frame", "image", "filename", "file", "name", "stem")
-GROUP_COLUMNS = ("sequence", "patient", "patient_id", "sequence_id", "near_duplicate_group")
-MANIFEST_PATH_COLUMNS = ("path", "image", "image_path", "file", "filename")
-MANIFEST_LABEL_COLUMNS = ("label", "class", "class_label")
-MANIFEST_MASK_COLUMNS = ("mask", "mask_path")
-MANIFEST_BBOX_COLUMNS = ("bbox", "boxes", "box")
-MANIFEST_GROUP_COLUMNS = ("group", "patient", "sequence", "patient_id", "group_id")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f", ""}
 
@@ -262,13 +266,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str] | None, 
     return header or [], rows
 
 
-def _column(header: list[str], names: tuple[str, ...]) -> int | None:
-    for name in names:
-        if name in header:
-            return header.index(name)
-    return None
-
-
 def _parse_bool(value: str) -> bool | None:
     v = value.strip().lower()
     if v in _TRUE:
@@ -276,14 +273,6 @@ def _parse_bool(value: str) -> bool | None:
     if v in _FALSE:
         return None if v == "" else False
     raise ValueError(f"not a boolean: {value!r}")
-
-
-def _stem_key(value: str) -> str:
-    """Metadata id -> file stem (a trailing image suffix is dropped)."""
-    v = value.strip()
-    p = posixpath.basename(v)
-    root, ext = posixpath.splitext(p)
-    return root if ext.lower() in {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"} else p
 
 
 class _Planner:
@@ -307,7 +296,7 @@ class _Planner:
     def group_hash(self, dataset: str, column: str, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        return salted_hash(f"{dataset}|{column}|{value.strip()}", self.salt)
+        return salted_hash(raw_layout.group_text(dataset, column, value), self.salt)
 
     def entries(self) -> None:
         for e in self.batch.get("escapes", []):
@@ -324,30 +313,30 @@ class _Planner:
     # ---- seg
     def seg(self, prefix: str, dataset: str) -> None:
         join = (lambda *p: posixpath.join(prefix, *p)) if prefix else (lambda *p: posixpath.join(*p))
-        images = [r for r in _files_under(self.root, join("images")) if not _is_hidden(r)]
+        images = [r for r in _files_under(self.root, join(raw_layout.SEG_IMAGES)) if not _is_hidden(r)]
         masks_by_key: dict[str, list[str]] = {}
-        masks_dir = join("masks")
+        masks_dir = join(raw_layout.SEG_MASKS)
         for m in _files_under(self.root, masks_dir):
             if _is_hidden(m):
                 self.plan.counts["not_in_layout"] += 1
                 continue
-            key = posixpath.splitext(posixpath.relpath(m, masks_dir))[0]
+            key = raw_layout.item_key(m, masks_dir)
             masks_by_key.setdefault(key, []).append(m)
-        meta = self._seg_metadata(join("metadata.csv"), dataset)
-        boxes = self._seg_boxes(join("bboxes.json"))
+        meta = self._seg_metadata(join(raw_layout.SEG_METADATA), dataset)
+        boxes = self._seg_boxes(join(raw_layout.SEG_BBOXES))
         blocked_masks = {posixpath.splitext(p)[0] for p in self.blocked if p.startswith(masks_dir + "/")}
         used_masks: set[str] = set()
         matched_meta: set[str] = set()
-        images_dir = join("images")
+        images_dir = join(raw_layout.SEG_IMAGES)
         for rel in images:
-            key = posixpath.splitext(posixpath.relpath(rel, images_dir))[0]
+            key = raw_layout.item_key(rel, images_dir)
             stem = posixpath.basename(key)
             candidates = masks_by_key.get(key, [])
             mask_rel = candidates[0] if candidates else None
             if mask_rel:
                 used_masks.add(mask_rel)
             problem = None
-            if mask_rel is None and join("masks", key) in blocked_masks:
+            if mask_rel is None and join(raw_layout.SEG_MASKS, key) in blocked_masks:
                 problem = ("mask_missing", "the mask is a symbolic link, not followed")
             row = meta.get(stem, {})
             if stem in meta:
@@ -363,7 +352,7 @@ class _Planner:
         self.plan.counts["orphan_masks"] += sum(len(v) for v in masks_by_key.values()) - len(used_masks)
         self.plan.counts["extra_masks_per_image"] += sum(max(0, len(v) - 1) for v in masks_by_key.values())
         self.plan.counts["metadata_rows_unmatched"] += len(set(meta) - matched_meta)
-        known = {join("metadata.csv"), join("bboxes.json")}
+        known = {join(raw_layout.SEG_METADATA), join(raw_layout.SEG_BBOXES)}
         for rel in _files_under(self.root, prefix):
             if rel in known or rel.startswith(images_dir + "/") or rel.startswith(masks_dir + "/"):
                 continue
@@ -527,13 +516,7 @@ class _Planner:
 
     def _inside(self, raw: str) -> str | None:
         """Normalised POSIX path inside the batch root, or None when it escapes (../, absolute)."""
-        p = raw.replace("\\", "/")
-        if p.startswith("/") or (len(p) > 1 and p[1] == ":"):
-            return None
-        norm = posixpath.normpath(p)
-        if norm == ".." or norm.startswith("../") or norm == ".":
-            return None
-        return norm
+        return raw_layout.manifest_path(raw)
 
     def _missing(self, rel: str) -> tuple[str, str]:
         if rel in self.blocked:

@@ -6,16 +6,7 @@ describing the layout and everything that was *not* copied (symlinks, unreadable
 the ingest stage can count them. No file is decoded here and nothing is filtered: judging files
 is the ingest stage's job, where every verdict is recorded. DVC tracking is the CLI's business.
 
-Layouts (``detect_layout``):
-
-- ``seg``: ``images/`` + ``masks/`` (masks matched by file stem), optional ``bboxes.json``
-  (Kvasir-SEG format) and ``metadata.csv`` (stem column ``id``/``frame``/``image``; optional
-  ``sequence``/``patient``, ``kvasir_sessile``, ``near_duplicate_group``).
-- ``classes``: ``<label>/<image>`` (every file under a label folder is an item of that label).
-- ``manifest``: a CSV (only when asked) with a path column and optional label/mask/bbox/group
-  columns; paths are relative to the CSV's folder, which is the batch root.
-- ``collection``: a root whose sub-folders are each a ``seg`` or ``classes`` dataset (the bundled
-  sample), registered as one batch with one dataset entry per sub-folder.
+Layouts (seg, classes, manifest, collection) and their detection live in :mod:`raw_layout`.
 """
 
 from __future__ import annotations
@@ -29,95 +20,23 @@ from typing import Any
 
 from cogalign_core import contract, taxonomy
 from cogalign_core.io import atomic_dir, atomic_write_json
+from cogalign_core.raw_layout import (
+    LAYOUT_CHECKS,
+    LAYOUT_HELP,
+    LAYOUTS,
+    detect_layout,
+    find_manifest,
+    is_classes,
+    is_seg,
+    visible_dirs,
+)
 
-LAYOUTS: tuple[str, ...] = ("seg", "classes", "manifest", "collection")
 ROLES: tuple[str, ...] = ("train", "test")
 BATCH_FILE = contract.RAW_BATCH_RECORD
 FILES_DIR = contract.RAW_FILES
 BATCH_FORMAT_VERSION = 1
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp",
-                            ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".tga", ".dib"})
-MANIFEST_NAMES: tuple[str, ...] = ("manifest.csv",)
 _BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _AUTO_ID = re.compile(r"^b(\d{4,})$")
-
-
-def _visible_dirs(path: Path) -> list[Path]:
-    """Non-hidden real (not symlinked) sub-directories, sorted (``__pycache__`` and the like skipped)."""
-    out = []
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return []
-    for e in entries:
-        if not e.name.startswith((".", "__")) and e.is_dir(follow_symlinks=False):
-            out.append(Path(e.path))
-    return sorted(out)
-
-
-def _has_image_files(path: Path) -> bool:
-    """True when ``path`` directly holds a file with an image suffix (suffix only; no decoding)."""
-    try:
-        return any(e.is_file(follow_symlinks=False) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
-                   for e in os.scandir(path))
-    except OSError:
-        return False
-
-
-def _is_seg(path: Path) -> bool:
-    return (path / "images").is_dir() and (path / "masks").is_dir()
-
-
-def _is_classes(path: Path) -> bool:
-    if (path / "images").is_dir() or (path / "masks").is_dir():
-        return False  # half a seg dataset, not a class named "images": refuse rather than guess
-    subs = _visible_dirs(path)
-    return bool(subs) and not _is_seg(path) and any(_has_image_files(d) for d in subs) \
-        and not any(_is_seg(d) for d in subs)
-
-
-def _is_collection(path: Path) -> bool:
-    subs = _visible_dirs(path)
-    return bool(subs) and all(_is_seg(d) or _is_classes(d) for d in subs)
-
-
-_LAYOUT_CHECKS = {"seg": _is_seg, "classes": _is_classes, "collection": _is_collection}
-_LAYOUT_HELP = {
-    "seg": "needs images/ and masks/ sub-folders",
-    "classes": "needs <label>/ sub-folders holding images, and no images/+masks/ datasets",
-    "collection": "every non-hidden sub-folder must be a seg or classes dataset",
-}
-
-
-def detect_layout(source: str | os.PathLike[str]) -> str:
-    """Resolve the ``auto`` layout of a source folder: ``seg``, ``classes`` or ``collection``.
-
-    Precedence: ``images/``+``masks/`` -> seg; label folders holding images -> classes; sub-folders
-    that are each seg/classes datasets -> collection. ``manifest`` is never guessed (dataset
-    folders often carry a provenance CSV that is not a manifest).
-
-    Raises:
-        ValueError: the folder matches no layout (the message says what was found).
-    """
-    src = Path(source)
-    if src.is_file() and src.suffix.lower() == ".csv":
-        raise ValueError(f"{src} is a CSV file: pass --layout manifest to register it as a manifest")
-    if not src.is_dir():
-        raise ValueError(f"{src} is not a directory")
-    if _is_seg(src):
-        return "seg"
-    if _is_classes(src):
-        return "classes"
-    if _is_collection(src):
-        return "collection"
-    subs = _visible_dirs(src)
-    found = ", ".join(d.name + "/" for d in subs[:8]) or "no sub-folders"
-    if (src / "images").is_dir() and not (src / "masks").is_dir():
-        hint = "images/ without masks/: use a classes layout (<label>/<image>) or a manifest CSV"
-    else:
-        hint = ("expected images/+masks/ (seg), <label>/<image> folders (classes), sub-folders that are "
-                "each such a dataset (collection), or --layout manifest with a CSV")
-    raise ValueError(f"{src}: no recognised layout ({found}); {hint}")
 
 
 def next_batch_id(raw_root: str | os.PathLike[str]) -> str:
@@ -128,31 +47,12 @@ def next_batch_id(raw_root: str | os.PathLike[str]) -> str:
     return f"b{max(numbers, default=0) + 1:04d}"
 
 
-def _find_manifest(source: Path) -> tuple[Path, Path]:
-    """(root, manifest path) for ``--layout manifest`` given a CSV file or a folder holding one."""
-    if source.is_file():
-        if source.suffix.lower() != ".csv":
-            raise ValueError(f"manifest layout: {source} is not a .csv file")
-        return source.parent, source
-    if not source.is_dir():
-        raise ValueError(f"manifest layout: {source} does not exist")
-    for name in MANIFEST_NAMES:
-        if (source / name).is_file():
-            return source, source / name
-    csvs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
-    if len(csvs) == 1:
-        return source, csvs[0]
-    listed = ", ".join(p.name for p in csvs) or "none"
-    raise ValueError(f"manifest layout: {source} must hold manifest.csv or exactly one CSV (found: {listed}); "
-                     "or pass the CSV file itself")
-
-
 def _datasets(root: Path, layout: str, dataset: str | None, manifest: Path | None) -> list[dict[str, Any]]:
     """One entry per dataset in the batch: {path (relative, '' = root), dataset, layout, ...}."""
     if layout == "collection":
         entries = []
-        for d in _visible_dirs(root):
-            sub = "seg" if _is_seg(d) else "classes" if _is_classes(d) else None
+        for d in visible_dirs(root):
+            sub = "seg" if is_seg(d) else "classes" if is_classes(d) else None
             if sub is None:
                 raise ValueError(f"collection: sub-folder {d.name}/ is neither a seg nor a classes dataset")
             entries.append({"path": d.name, "layout": sub,
@@ -260,15 +160,15 @@ def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[s
         raise ValueError(f"source {src} does not exist")
     manifest: Path | None = None
     if layout == "manifest":
-        root, manifest = _find_manifest(src)
+        root, manifest = find_manifest(src)
     else:
         root = src
         if layout == "auto":
             layout = detect_layout(src)
         elif not src.is_dir():
             raise ValueError(f"{src} is not a directory")
-        elif not _LAYOUT_CHECKS[layout](src):
-            raise ValueError(f"{src} does not have the {layout} layout ({_LAYOUT_HELP[layout]})")
+        elif not LAYOUT_CHECKS[layout](src):
+            raise ValueError(f"{src} does not have the {layout} layout ({LAYOUT_HELP[layout]})")
     datasets = _datasets(root, layout, dataset, manifest)
     final = Path(raw_root) / batch_id
     if final.exists():
