@@ -22,8 +22,9 @@ import yaml
 from cogalign_core import contract, raw_batch, review
 from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params, load_params
+from cogalign_core.fingerprint import fingerprint_text
 from cogalign_core.io import atomic_write_text
-from cogalign_core.stage import STAGES, fingerprint_text
+from cogalign_core.stage import STAGES
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml")
 STATE_DIR = Path(".cogalign")
@@ -82,9 +83,10 @@ class Workspace:
     def update_fingerprints(self) -> list[str]:
         """Rewrite ``code/<stage>.json`` where the installed code differs; return changed stages."""
         changed = []
+        recipe = self.params.model.recipe
         for stage in STAGES:
             path = self.root / contract.fingerprint(stage)
-            text = fingerprint_text(stage)
+            text = fingerprint_text(stage, recipe)
             if not path.exists() or path.read_text() != text:
                 atomic_write_text(path, text)
                 changed.append(stage)

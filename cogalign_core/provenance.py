@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cogalign_core import contract
+from cogalign_core.fingerprint import code_fingerprint
 from cogalign_core.io import TMP_PREFIX, atomic_write_json, sha256_file
-from cogalign_core.stage import code_fingerprint
 
 TRACKED_PACKAGES: tuple[str, ...] = (
     "cogalign", "torch", "transformers", "trl", "peft", "segment-anything", "opencv-python-headless",
@@ -63,10 +65,16 @@ def write_provenance(out_dir: str | os.PathLike[str], stage: str, workspace: str
         "stage": stage,
         "inputs": {rel: path_digest(ws / rel) for rel in sorted(set(inputs)) if (ws / rel).exists()},
         "params": params,
-        "code": code_fingerprint(stage),
+        "code": _code(ws, stage),
         "packages": package_versions(),
         **(extra or {}),
     }
     path = Path(out_dir) / PROVENANCE_FILE
     atomic_write_json(path, record)
     return path
+
+
+def _code(workspace: Path, stage: str) -> Any:
+    """The code fingerprint DVC saw (``code/<stage>.json``, selected recipe included); computed when absent."""
+    path = workspace / contract.fingerprint(stage)
+    return json.loads(path.read_text()) if path.is_file() else code_fingerprint(stage)

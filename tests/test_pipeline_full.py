@@ -74,6 +74,32 @@ def test_dilation_margin_change_makes_only_counterfactual_stale(full_workspace: 
     assert stale == {"counterfactual"}
 
 
+def test_code_edits_make_exactly_their_importers_stale_and_unused_recipes_nothing(
+        full_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import resources
+
+    from cogalign_core import fingerprint
+
+    ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
+    package = Path(fingerprint.__file__).resolve().parent
+    recipes = Path(str(resources.files(fingerprint.RECIPES_PACKAGE)))
+    real = fingerprint.read_source
+
+    def stale_after_editing(target: Path | None) -> set[str]:
+        """Simulate an edit of ``target`` (a comment appended), refresh fingerprints, ask DVC."""
+        monkeypatch.setattr(fingerprint, "read_source", lambda p: real(p) + (b"\n# edit\n" if p == target else b""))
+        ws.update_fingerprints()
+        return set(json.loads(ws.dvc("status", "--json").stdout))
+
+    training = {"base_model", "sft", "sft_cf", "rl_no_cf", "rl", "evaluate"}
+    assert ws.params.model.recipe == "tiny"
+    assert stale_after_editing(recipes / "qwen3-vl-8b" / "grpo.yaml") == set()  # a recipe no stage uses
+    assert stale_after_editing(recipes / "tiny" / "grpo.yaml") == training  # the family is read as a whole
+    assert stale_after_editing(package / "segmenters" / "quality.py") == {"masks", "counterfactual"}
+    assert stale_after_editing(package / "answer_format.py") == {"annotate", "counterfactual"} | training
+    assert stale_after_editing(None) == set()  # the edit undone: nothing stale
+
+
 def test_report_is_self_contained(full_workspace: Path) -> None:
     html = (full_workspace / "data/evaluate/report.html").read_text()
     assert "<table" in html and "data:image/png;base64," in html

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogalign_core import taxonomy
-from cogalign_core.train.recipe import ARM_METHODS
+from cogalign_core.arms import ARM_METHODS
 
 MODEL_STAGES: tuple[str, ...] = ("base_model", *ARM_METHODS)
 

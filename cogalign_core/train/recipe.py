@@ -18,19 +18,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cogalign_core import taxonomy
+from cogalign_core.arms import ARM_METHODS as ARM_METHODS  # re-exported: stages import it from here
+from cogalign_core.arms import METHODS, SFT_METHODS, Method
 
 if TYPE_CHECKING:
     from cogalign_core.config.model import ModelParams
 
 RECIPES_PACKAGE = "cogalign_core.recipes"
-Method = Literal["sft", "sft_cf", "grpo", "grpo_no_cf"]
-METHODS: tuple[str, ...] = ("sft", "sft_cf", "grpo", "grpo_no_cf")
-SFT_METHODS: tuple[str, ...] = ("sft", "sft_cf")
 VENDORED_CONFIG = "config.json"
 EXTENDS_KEY = "extends"
-# The trained arms: DVC stage -> the recipe method it trains with. sft and sft_cf start from the base
-# model; rl_no_cf and rl from the sft model.
-ARM_METHODS: dict[str, Method] = {"sft": "sft", "sft_cf": "sft_cf", "rl_no_cf": "grpo_no_cf", "rl": "grpo"}
 
 
 class _Strict(BaseModel):
