@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cogalign_core import counterfactual, masks, tables
 from cogalign_core.config import PipelineParams
+from cogalign_core.executor import WORKERS_ENV
 from tests.mask_workspace import build_workspace
 
 
@@ -34,7 +36,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ws = Path(d)
         build_workspace(ws, kvasir=args.n, cvc=args.n, normal=0)
-        params = PipelineParams.model_validate({"counterfactual": {"workers": 1}})
+        os.environ[WORKERS_ENV] = "1"  # one process: the bare loop below is serial too
+        params = PipelineParams()
         cp = params.counterfactual
         with contextlib.chdir(ws):
             masks.run_stage(ws, params, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from PIL import Image
 
 from cogalign_core import ingest, raw_batch, raw_layout
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
-from cogalign_core.executor import default_workers
+from cogalign_core.executor import WORKERS_ENV, default_workers
 
 
 def bundled_sample() -> Path:
@@ -81,7 +82,7 @@ def main() -> None:
         ws = Path(tmp)
         batch = raw_batch.register_batch(source, ws / "data/raw", "b0001")
         params = PipelineParams(batches=["b0001"], privacy=PrivacyParams(salt="bench"))
-        params.ingest.workers = workers
+        os.environ[WORKERS_ENV] = str(workers)  # an execution setting, not a param
         (ws / "params.yaml").write_text(dump_params(params))
         files_root = ws / "data/raw/b0001" / raw_batch.FILES_DIR
         paths = sorted(str(p) for p in files_root.rglob("*")

@@ -115,6 +115,10 @@ CHAMPION = f"{REGISTRY}/champion.json"
 CHAMPION_PREDICTIONS = f"{REGISTRY}/champion_predictions.parquet"
 DECISIONS = f"{REGISTRY}/decisions"
 
+# ------------------------------------------------------------------ local state (git-ignored, outside DVC)
+STATE = ".cogalign"
+SETTINGS = f"{STATE}/settings.yaml"  # execution settings (cogalign_core.settings)
+
 # ------------------------------------------------------------------ code fingerprints
 CODE = "code"
 

@@ -348,7 +348,7 @@ def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[
     accepted = [m for m in masks if m["status"] == "accepted" and m.get("mask_path")]
     centroids = {m["sample_id"]: (m["centroid_x"], m["centroid_y"]) for m in accepted
                  if m.get("centroid_x") is not None}
-    dump = params.model_dump(mode="json", exclude={"workers"})  # parallelism never shapes an output
+    dump = params.model_dump(mode="json")
     ordered = sorted(centroids.items())
     tasks = []
     for m in sorted(accepted, key=lambda r: r["sample_id"]):
@@ -381,7 +381,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
         raise ValueError(f"masks.parquet has {len(missing)} samples absent from annotations.parquet, "
                          f"e.g. {missing[:3]}: rerun the mask stage")
     tasks = build_tasks(ws, masks, annotations, cp)
-    rows = [r for rs in map_items(make_counterfactuals, tasks, workers=cp.workers, desc="counterfactual") for r in rs]
+    rows = [r for rs in map_items(make_counterfactuals, tasks, desc="counterfactual") for r in rs]
     rows.sort(key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
     keep = {r[k] for r in rows for k in ("image_path", "fill_mask_path") if r.get(k)}
     for sub in ("images", "fill_masks"):
@@ -410,5 +410,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     io.atomic_write_json(out_dir / "summary.json", {k: dict(sorted(v.items())) if isinstance(v, Counter) else v
                                                      for k, v in summary.items()})
     write_provenance(out_dir, STAGE, ws, [MASKS_PATH.as_posix(), ANNOTATIONS_PATH.as_posix()],
-                     cp.model_dump(mode="json", exclude={"workers"}))
+                     cp.model_dump(mode="json"))
     log.info("counterfactual: %s", summary)

@@ -34,6 +34,7 @@ from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canv
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.provenance import write_provenance
+from cogalign_core.settings import load_settings
 from cogalign_core.train.recipe import ARM_METHODS
 
 STAGE = "evaluate"
@@ -406,9 +407,10 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     prompts, images, skipped = load_prompt_images(prompts, ws, spec, ep.blank_gray, ep.blank_side)
 
     rows: list[dict[str, Any]] = []
+    settings = load_settings(ws)
     threads_before = torch.get_num_threads()
-    if ep.torch_threads:
-        torch.set_num_threads(ep.torch_threads)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     # Arms trained with a frozen tower share its exact tensors: each distinct image is encoded once.
     cache = FeatureCache()
     try:
@@ -422,7 +424,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
             with cached_tower(model, cache):
                 completions = [c.strip() for c in generate_answers(model, processor, images, recipe.grounding,
                                                                    max_new_tokens=ep.max_new_tokens,
-                                                                   batch_size=ep.batch_size)]
+                                                                   batch_size=settings.generate_batch_size)]
             rows += prediction_rows(model_name, prompts, completions, recipe.grounding)
             del model, processor
     finally:

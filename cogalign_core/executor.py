@@ -11,24 +11,23 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
+from cogalign_core.settings import env_name, load_settings
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-DASK_ADDRESS_ENV = "COGALIGN_DASK_ADDRESS"
-# Per-machine override of every stage's ``workers`` param. Parallelism is an execution setting:
-# outputs never depend on it, so an operator can change it without touching params.yaml (which
-# would make DVC rerun the stages).
-WORKERS_ENV = "COGALIGN_WORKERS"
+# Parallelism is an execution setting (cogalign_core.settings): outputs never depend on it, so it is not
+# a DVC param and changing it reruns nothing.
+DASK_ADDRESS_ENV = env_name("dask_address")
+WORKERS_ENV = env_name("workers")
 
 
 def default_workers(requested: int = 0) -> int:
-    """Worker count: ``COGALIGN_WORKERS`` if set, else ``requested`` if positive, else usable CPU cores."""
-    override = os.environ.get(WORKERS_ENV, "").strip()
-    if override:
-        try:
-            requested = int(override)
-        except ValueError:
-            raise ValueError(f"{WORKERS_ENV} must be a whole number, got {override!r}") from None
+    """Worker count: the ``workers`` execution setting if positive, else ``requested`` if positive, else usable
+    CPU cores."""
+    configured = load_settings().workers
+    if configured > 0:
+        requested = configured
     if requested > 0:
         return requested
     try:
@@ -41,14 +40,14 @@ def map_items(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, desc: 
               chunksize: int = 4) -> list[R]:
     """Apply ``fn`` to every item, in parallel, returning results in input order.
 
-    Backend: a Dask cluster when ``COGALIGN_DASK_ADDRESS`` is set (``local`` starts a local cluster
-    of :func:`default_workers` single-threaded worker processes; ``tcp://host:8786`` uses a running
-    scheduler), otherwise a process pool of :func:`default_workers` processes (serial when 1
-    worker or few items, to skip pool start-up). A progress bar is shown on stderr when ``desc``
-    is given and stderr is a terminal.
+    Backend: a Dask cluster when the ``dask_address`` setting (``COGALIGN_DASK_ADDRESS``) is set
+    (``local`` starts a local cluster of :func:`default_workers` single-threaded worker processes;
+    ``tcp://host:8786`` uses a running scheduler), otherwise a process pool of :func:`default_workers`
+    processes (serial when 1 worker or few items, to skip pool start-up). A progress bar is shown on
+    stderr when ``desc`` is given and stderr is a terminal.
     """
     n = default_workers(workers)
-    address = os.environ.get(DASK_ADDRESS_ENV)
+    address = load_settings().dask_address
     progress = _progress(desc, len(items))
     if address:
         results = _map_dask(fn, items, address, n)

@@ -593,8 +593,8 @@ def run_batch_stage(workspace: Path, params: PipelineParams, item: str | None) -
     with atomic_dir(out_final) as tmp:
         settings = DecodeSettings(out_dir=str(tmp), max_pixels=cfg.max_pixels, min_side=cfg.min_side,
                                   mask_threshold=cfg.mask_threshold)
-        results = map_items(functools.partial(process_item, settings), plan.tasks, workers=cfg.workers,
-                            desc=f"ingest {item}", chunksize=_chunksize(len(plan.tasks), cfg.workers))
+        results = map_items(functools.partial(process_item, settings), plan.tasks,
+                            desc=f"ingest {item}", chunksize=_chunksize(len(plan.tasks)))
         records, quarantine, duplicates, counts = _collect(batch, plan, results, salt)
         _remove_unreferenced(tmp, records)
         tables.write_rows(records, tmp / "records.parquet", tables.SAMPLES, "samples")
@@ -602,10 +602,10 @@ def run_batch_stage(workspace: Path, params: PipelineParams, item: str | None) -
         tables.write_rows(duplicates, tmp / "duplicates.parquet", tables.DUPLICATES, "duplicates")
         atomic_write_json(tmp / "summary.json", _batch_summary(batch, plan, counts, records, quarantine, duplicates))
         write_provenance(tmp, "ingest_batch", ws, [contract.raw_batch_record(item)],
-                         {"ingest": cfg.model_dump(mode="json", exclude={"workers"})}, extra={"batch_id": item})
+                         {"ingest": cfg.model_dump(mode="json")}, extra={"batch_id": item})
 
 
-def _chunksize(n_tasks: int, workers: int) -> int:
+def _chunksize(n_tasks: int, workers: int = 0) -> int:
     """Items per pool task: ~4 chunks per worker (amortises IPC), at most 16 (keeps the tail short)."""
     return max(1, min(16, n_tasks // (4 * default_workers(workers))))
 
@@ -774,4 +774,4 @@ def run_merge_stage(workspace: Path, params: PipelineParams, item: str | None = 
     }
     atomic_write_json(out / "summary.json", summary)
     write_provenance(out, "ingest", ws, inputs, {"batches": list(params.batches),
-                                                 "ingest": params.ingest.model_dump(mode="json", exclude={"workers"})})
+                                                 "ingest.phash_max_distance": params.ingest.phash_max_distance})

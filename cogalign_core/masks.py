@@ -43,6 +43,7 @@ from cogalign_core.segmenters import BASELINE, Prompt, PromptNeedsBox, build_seg
 from cogalign_core.segmenters import quality as q
 from cogalign_core.segmenters.base import clip_box
 from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
+from cogalign_core.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _sam_pass(workspace: Path, params: MaskParams, tasks: list[SampleTask], resu
     if not todo:
         return
     segmenter = build_segmenter("sam", params, workspace)  # raises naming masks.sam.checkpoint
-    step = max(1, params.sam.image_batch_size)
+    step = load_settings().sam_batch_size
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
         images = [load_rgb(t.image_path) for t, _ in chunk]
@@ -443,7 +444,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     annotations = sorted(tables.read_rows(ws / ANNOTATIONS_PATH, "annotations"), key=lambda r: r["sample_id"])
     clinician = read_clinician_prompts(ws / mp.clinician_prompts)
     no_lesion, tasks = build_tasks(ws, annotations, clinician, mp)
-    results = map_items(segment_sample_cpu, tasks, workers=mp.workers, desc="masks")
+    results = map_items(segment_sample_cpu, tasks, desc="masks")
     _sam_pass(ws, mp, tasks, results)
     by_id = {a["sample_id"]: a for a in annotations}
     rows, review = [], []
@@ -472,5 +473,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     io.atomic_write_json(out_dir / "summary.json", summary)
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([mp.clinician_prompts] if (ws / mp.clinician_prompts).exists() else [])
     # Parallelism is not a fact about the output: leave it out so records match across machines.
-    write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json", exclude={"workers"}))
+    write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json"))
     log.info("masks: %s", summary)

@@ -42,11 +42,13 @@ STAGES: dict[str, StageSpec] = {
 
 
 def run(stage: str, item: str | None = None, workspace: Path | None = None) -> None:
-    """Load params and call the stage's entry function."""
+    """Load params and call the stage's entry function with only the params the stage declares."""
     from cogalign_core.config import load_params
+    from cogalign_core.config.declared import declared_view
+    from cogalign_core.contract import STAGES as CONTRACT
 
     ws = (workspace or Path.cwd()).resolve()
-    params = load_params(ws)
+    params = declared_view(load_params(ws), CONTRACT[stage].params, stage)
     module_name, func_name = STAGES[stage].entry.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     func(ws, params, item)

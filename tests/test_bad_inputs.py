@@ -58,7 +58,6 @@ def jpeg_with_patient_exif(rgb: np.ndarray) -> bytes:
 
 def _workspace(tmp: Path, batches: list[str]) -> tuple[Path, PipelineParams]:
     params = PipelineParams(batches=batches, privacy=PrivacyParams(salt="test-salt"))
-    params.ingest.workers = 1
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "params.yaml").write_text(dump_params(params))
     return tmp, params

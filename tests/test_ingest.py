@@ -15,14 +15,14 @@ from PIL import Image, ImageEnhance
 
 from cogalign_core import imaging, ingest, raw_batch, tables
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
+from cogalign_core.executor import WORKERS_ENV
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 SALT = "ingest-test-salt"
 
 
-def _workspace(ws: Path, batches: list[str], workers: int = 1) -> PipelineParams:
+def _workspace(ws: Path, batches: list[str]) -> PipelineParams:
     params = PipelineParams(batches=batches, privacy=PrivacyParams(salt=SALT))
-    params.ingest.workers = workers
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "params.yaml").write_text(dump_params(params))
     return params
@@ -31,9 +31,11 @@ def _workspace(ws: Path, batches: list[str], workers: int = 1) -> PipelineParams
 @pytest.fixture(scope="module")
 def sample_ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ws = tmp_path_factory.mktemp("sample_ws")
-    params = _workspace(ws, ["b0001"], workers=2)  # exercises the process pool
+    params = _workspace(ws, ["b0001"])
     raw_batch.register_batch(SAMPLE, ws / "data/raw", "b0001")
-    ingest.run_batch_stage(ws, params, "b0001")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(WORKERS_ENV, "2")  # exercises the process pool
+        ingest.run_batch_stage(ws, params, "b0001")
     ingest.run_merge_stage(ws, params)
     return {"ws": ws, "params": params,
             "samples": tables.read_rows(ws / "data/ingest/samples.parquet", "samples"),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from cogalign_core import masks, tables
 from cogalign_core.config import PipelineParams
+from cogalign_core.executor import WORKERS_ENV
 from tests.mask_workspace import build_workspace, write_annotations
 
 
@@ -94,8 +95,9 @@ def test_sam_in_the_stage_with_a_tiny_random_model(tmp_path: Path, monkeypatch: 
 
     build_workspace(tmp_path, kvasir=2, cvc=1, normal=0)
     monkeypatch.setattr(sam, "load_sam", lambda *a, **k: sam.tiny_random_sam(img_size=64))
+    monkeypatch.setenv(WORKERS_ENV, "1")
     params = PipelineParams.model_validate({"masks": {"segmenter": "sam", "use_ground_truth": False,
-                                                      "qc_segmenters": ["box_ellipse"], "workers": 1}})
+                                                      "qc_segmenters": ["box_ellipse"]}})
     _run(tmp_path, params)
     table = tables.read_rows(tmp_path / "data/masks/masks.parquet", "masks")
     assert len(table) == 3

@@ -70,6 +70,14 @@ def load_params(workspace: str | os.PathLike[str]) -> PipelineParams:
     return PipelineParams.model_validate(data)
 
 
+PARAMS_HEADER = """\
+# Pipeline parameters (DVC params: a change reruns the stages that declare it). Generated from the
+# pydantic models in cogalign_core/config/ (help text per field); `cogalign init` writes this file with a
+# fresh privacy.salt. Execution settings (workers, devices, batch sizes, threads) are not params: see
+# cogalign_core/settings.py (COGALIGN_* environment variables or the untracked .cogalign/settings.yaml).
+"""
+
+
 def dump_params(params: PipelineParams) -> str:
-    """YAML text of ``params`` (stable key order: the model's field order)."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=100)
+    """YAML text of ``params`` (stable key order: the model's field order), after :data:`PARAMS_HEADER`."""
+    return PARAMS_HEADER + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=100)

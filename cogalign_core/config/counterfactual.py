@@ -59,5 +59,4 @@ class CounterfactualParams(BaseModel):
     ring_px: int = Field(8, ge=1, description="Width of the ring around a filled region used for QC statistics "
                          "and for matching surrounding mucosa.")
     seed: int = Field(0, description="Seed of control placement.")
-    workers: int = Field(0, ge=0, description="Worker processes for per-image work (0 = all cores).")
     fov: FovParams = Field(default_factory=FovParams, description=FovParams.__doc__)

@@ -28,15 +28,10 @@ class EvaluateParams(BaseModel):
         description="Optional cap per test section and condition (real lesion, real normal, counterfactual, control, "
         "both), chosen by a seeded hash of the sample id; None (the default) scores every test image and every "
         "usable test counterfactual/control. Probes reuse the chosen real images. The report states n everywhere.")
-    batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
     max_new_tokens: int = Field(
         48, ge=8,
         description="Cap on generated tokens per answer (greedy decoding). A full grounded answer is about 35 tokens "
         "with the tiny tokenizer; raise it for real tokenizers if answers come back truncated (format_validity).")
-    torch_threads: int = Field(
-        1, ge=0,
-        description="CPU threads torch may use while generating (restored afterwards); 0 = torch's default. "
-        "Tiny models run fastest single-threaded, and on a shared CPU extra threads mostly spin-wait.")
     bootstrap_resamples: int = Field(1000, ge=10, description="Group-bootstrap resamples for the 95 % intervals.")
     seed: int = Field(0, description="Seed of sample selection, probe shuffling and the bootstrap.")
     blank_gray: int = Field(128, ge=0, le=255, description="Grey level of the blank grounding-probe image.")

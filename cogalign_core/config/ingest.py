@@ -25,4 +25,3 @@ class IngestParams(BaseModel):
         description="Hamming distance on the 64-bit perceptual hash at or under which two images are near-duplicates "
         "(grouped into one split group). A new image joins the cluster of its earliest near neighbour, so adding "
         "a batch never changes an existing cluster id.")
-    workers: int = Field(0, ge=0, description="Decode processes; 0 = one per CPU core.")

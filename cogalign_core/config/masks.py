@@ -22,10 +22,6 @@ class SamParams(BaseModel):
         "sam_vit_b_01ec64.pth. Required when `sam` is used: the stage never runs with random weights.")
     model_type: Literal["vit_b", "vit_l", "vit_h"] = Field(
         "vit_b", description="SAM image-encoder size; must match the checkpoint.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Torch device for SAM; `auto` picks cuda when available.")
-    image_batch_size: int = Field(
-        8, ge=1, description="Images encoded together in one forward pass of the SAM image encoder.")
     multimask: bool = Field(
         True, description="Ask SAM for its 3 candidate masks per prompt and keep the best-scoring one.")
 
@@ -76,6 +72,5 @@ class MaskParams(BaseModel):
         contract.CLINICIAN_PROMPTS,
         description="Workspace-relative table written by `cogalign review import` (boxes, points, masks with "
         "provenance clinician); a DVC dependency of the mask stage. Missing file = no clinician prompts.")
-    workers: int = Field(0, ge=0, description="Worker processes for per-image work (0 = all cores).")
     sam: SamParams = Field(default_factory=SamParams, description=SamParams.__doc__)
     qc: MaskQcParams = Field(default_factory=MaskQcParams, description=MaskQcParams.__doc__)

@@ -31,7 +31,9 @@ def build_segmenter(name: str, params: MaskParams, workspace: Path | None = None
         return GrabCutSegmenter(iterations=params.grabcut_iterations, seed=params.seed)
     if name == "sam":
         from cogalign_core.segmenters.sam import SamSegmenter, load_sam
+        from cogalign_core.settings import load_settings
 
-        model = load_sam(params.sam.model_type, params.sam.checkpoint, workspace, params.sam.device)
-        return SamSegmenter(model, image_batch_size=params.sam.image_batch_size, multimask=params.sam.multimask)
+        settings = load_settings(workspace)  # device and batch size: execution settings, not params
+        model = load_sam(params.sam.model_type, params.sam.checkpoint, workspace, settings.sam_device)
+        return SamSegmenter(model, image_batch_size=settings.sam_batch_size, multimask=params.sam.multimask)
     raise ValueError(f"unknown segmenter {name!r}; expected one of {PROMPT_SEGMENTERS}")

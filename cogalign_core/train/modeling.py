@@ -33,6 +33,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from cogalign_core import answer_format
+from cogalign_core.settings import load_settings
 from cogalign_core.train.recipe import TinyModelSpec
 
 PAD_TOKEN = "<|endoftext|>"
@@ -221,8 +222,6 @@ def save_trained(model: Any, processor: ProcessorMixin, out_dir: Path, lora: boo
     return model
 
 
-CPU_THREADS_ENV = "COGALIGN_TORCH_THREADS"
-DEFAULT_CPU_THREADS = 1
 
 
 def configure_cpu_threads() -> int:
@@ -230,12 +229,13 @@ def configure_cpu_threads() -> int:
 
     Small models issue many tiny ops; on a shared (or oversubscribed) CPU every op's thread barrier
     spin-waits, so one thread per stage was 5x faster than two on a loaded 2-core machine (GRPO steps of
-    the lite0-small recipe), and concurrent stages then use one core each. ``COGALIGN_TORCH_THREADS``
-    overrides it (an execution setting: outputs do not depend on it). On a GPU it is left alone.
+    the lite0-small recipe), and concurrent stages then use one core each. The ``torch_threads`` execution
+    setting (``COGALIGN_TORCH_THREADS``, :mod:`cogalign_core.settings`) changes it; outputs do not depend on
+    it. On a GPU it is left alone.
     """
     if torch.cuda.is_available():
         return torch.get_num_threads()
-    n = int(os.environ.get(CPU_THREADS_ENV, DEFAULT_CPU_THREADS))
+    n = load_settings().torch_threads
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
