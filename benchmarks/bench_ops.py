@@ -1,13 +1,18 @@
-"""Operations benchmark: no-op rerun and +10 % new images vs a full run of the data stages, and the
-counterfactual stage on 2 local Dask workers vs one process.
+"""Operations benchmark: reruns of the data stages vs a full run, and the counterfactual stage on Dask.
 
-    python benchmarks/bench_ops.py [--cf-images N]
+    python benchmarks/bench_ops.py [--source ../shared/data] [--cf-images N]
 
-1. Data stages (``ingest_batch`` + ``ingest`` + ``annotate``) through ``run_pipeline(until="annotate")``
-   on the bundled sample (292 images), against one Prefect server started beforehand (its start-up
-   is not a pipeline cost). Times: full run on a fresh workspace; a no-op rerun (nothing changed:
-   DVC skips every stage); a rerun after registering a batch of +10 % new real images (sample
-   frames rotated 90 degrees). Goals: no-op <= 5 % of full, +10 % <= 25 % of full.
+1. Data stages (``ingest_batch`` .. ``counterfactual``) through ``run_pipeline(until="counterfactual")``
+   on SOURCE (default: the full ``../shared/data``, ~1,170 real images; ``--source sample`` for the
+   bundled sample) minus a held-out 10 % of its images, against one Prefect server started beforehand
+   (its start-up is not a pipeline cost). Times, side by side in one run:
+   - full run on a fresh workspace;
+   - a no-op rerun (nothing changed: DVC skips every stage) — goal <= 0.05 of full;
+   - a rerun after registering the held-out 10 % as a new batch — goal <= 0.25 of full;
+   - a rerun after a clinician review import of 5 samples: its mask stage vs the full run's mask
+     stage — goal <= 0.1.
+   After each run the samples the incremental stages computed and reused are printed (counted, from
+   ``.cogalign/reuse/``).
 2. ``counterfactual.run_stage`` on a mask workspace of N accepted lesion images: one process
    (``COGALIGN_WORKERS=1``) vs a local Dask cluster of 2 workers (``COGALIGN_DASK_ADDRESS=local``,
    cluster start-up included, since a stage pays it). Outputs are checked byte-identical.
@@ -24,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.mask_workspace builds the counterfactual workspace
 
@@ -35,49 +38,93 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _new_batch(dst: Path, n: int) -> Path:
-    """``n`` new real images: bundled Kvasir-SEG frames (with masks) rotated by 90 degrees."""
-    src = REPO / "data" / "sample" / "kvasir-seg"
-    (dst / "images").mkdir(parents=True)
-    (dst / "masks").mkdir()
-    for img in sorted((src / "images").glob("*.jpg"))[:n]:
-        with Image.open(img) as im:
-            im.transpose(Image.Transpose.ROTATE_90).save(dst / "images" / img.name, quality=92)
-        with Image.open(src / "masks" / f"{img.stem}.png") as m:
-            m.transpose(Image.Transpose.ROTATE_90).save(dst / "masks" / f"{img.stem}.png")
-    return dst
+def split_source(source: Path, dst: Path, held_out: float = 0.10) -> tuple[Path, Path, int]:
+    """Copy ``source`` (a collection of datasets) to ``dst/base`` minus every 10th image of each dataset,
+    which goes with its mask to ``dst/new``, a collection of the same layout (metadata files copied).
+    Returns (base, new, n held out)."""
+    import shutil
+
+    base, new = dst / "base", dst / "new"
+    shutil.copytree(source, base, ignore=shutil.ignore_patterns("__*"))
+    step = max(1, round(1 / held_out))
+    moved = 0
+    for image_dir in sorted(p for p in base.glob("*/*") if p.is_dir() and p.name != "masks"):
+        ds_dir = image_dir.parent
+        for i, img in enumerate(sorted(image_dir.iterdir())):
+            if i % step != step - 1 or img.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            target = new / ds_dir.name / image_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.move(img, target / img.name)
+            mask = ds_dir / "masks" / f"{img.stem}.png"
+            if mask.exists():
+                (new / ds_dir.name / "masks").mkdir(exist_ok=True)
+                shutil.move(mask, new / ds_dir.name / "masks" / mask.name)
+            moved += 1
+        for meta in ("metadata.csv", "bboxes.json"):
+            if (ds_dir / meta).exists() and (new / ds_dir.name).exists():
+                shutil.copy2(ds_dir / meta, new / ds_dir.name / meta)
+    return base, new, moved
 
 
-def bench_data_stages(tmp: Path) -> dict[str, float]:
+def _reuse_line(ws: Path) -> str:
+    from cogalign_core import reuse
+
+    parts = []
+    for stage in ("masks", "counterfactual"):
+        try:
+            c = reuse.read_counts(ws, stage)
+            parts.append(f"{stage}: computed {c['computed']}, reused {c['reused']}")
+        except FileNotFoundError:
+            pass
+    return "; ".join(parts)
+
+
+def bench_data_stages(tmp: Path, source: Path) -> dict[str, float]:
+    import csv
+
     from cogalign.runner import run_pipeline
     from cogalign.workspace import Workspace, init_workspace, register
-    from cogalign_core import tables
+    from cogalign_core import review, tables
 
-    ws = init_workspace(tmp / "ws", sample=True, salt="bench-" + "0" * 58)
-    t = time.perf_counter()
-    full = run_pipeline(ws.root, until="annotate")
-    full_s = time.perf_counter() - t
-    n_images = len(tables.read_rows(ws.root / "data/ingest/samples.parquet"))
-    assert all(s["ran"] for s in full.stages)
+    base, new, n_new = split_source(source, tmp / "source")
+    ws = init_workspace(tmp / "ws", salt="bench-" + "0" * 58)
+    register(Workspace.open(ws.root), base, layout="collection")
+    until = "counterfactual"
 
-    t = time.perf_counter()
-    noop = run_pipeline(ws.root, until="annotate")
-    noop_s = time.perf_counter() - t
-    assert noop.up_to_date
+    def run(label: str) -> tuple[float, dict[str, float], object]:
+        t = time.perf_counter()
+        outcome = run_pipeline(ws.root, until=until)
+        seconds = time.perf_counter() - t
+        stages = {str(s["stage"]): float(s["seconds"]) for s in outcome.stages if s["ran"]}
+        print(f"  {label:<22} {seconds:8.2f} s  ran: {', '.join(f'{k} {v:.1f}s' for k, v in stages.items()) or '-'}")
+        line = _reuse_line(ws.root)
+        if line and stages:
+            print(f"  {'':<22} {line}")
+        return seconds, stages, outcome
 
-    n_new = max(1, round(n_images * 0.10))
-    register(Workspace.open(ws.root), _new_batch(tmp / "new-batch", n_new))
-    t = time.perf_counter()
-    inc = run_pipeline(ws.root, until="annotate")
-    inc_s = time.perf_counter() - t
-    ran = {s["stage"]: s["ran"] for s in inc.stages}
-    assert ran["ingest_batch@b0001"] is False and ran["ingest_batch@b0002"] is True
-    print(f"data stages on {n_images} images (+{n_new} new):")
-    per_stage = ", ".join(f"{s['stage']} {s['seconds']}s" for s in full.stages)
-    print(f"  full run        {full_s:7.2f} s  ({per_stage})")
-    print(f"  no-op rerun     {noop_s:7.2f} s  ratio {noop_s / full_s:.3f}  (goal <= 0.05)")
-    print(f"  +10% new images {inc_s:7.2f} s  ratio {inc_s / full_s:.3f}  (goal <= 0.25)")
-    return {"full_s": full_s, "noop_s": noop_s, "inc_s": inc_s}
+    n_base = sum(1 for p in base.rglob("*") if p.suffix.lower() in (".jpg", ".png") and p.parent.name != "masks")
+    print(f"data stages ({source}: {n_base} images, then +{n_new} new):")
+    full_s, full_stages, _ = run("full run")
+    noop_s, _, noop = run("no-op rerun")
+    assert noop.up_to_date  # type: ignore[attr-defined]
+    register(Workspace.open(ws.root), new, layout="collection")
+    inc_s, _, _ = run("+10% new images")
+    accepted = [r["sample_id"] for r in tables.read_rows(ws.root / "data/masks/masks.parquet", "masks")
+                if r["status"] == "accepted"][:5]
+    task = tmp / "review.csv"
+    with open(task, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["sample_id", "boxes"])
+        writer.writeheader()
+        writer.writerows({"sample_id": sid, "boxes": "[[20, 20, 120, 110]]"} for sid in accepted)
+    review.import_review(ws.root, task)
+    review_s, review_stages, _ = run("review import (5)")
+    masks_ratio = review_stages.get("masks", 0.0) / full_stages["masks"]
+    print(f"  no-op / full             {noop_s / full_s:.3f}  (goal <= 0.05)")
+    print(f"  +10% / full              {inc_s / full_s:.3f}  (goal <= 0.25)")
+    print(f"  review masks / full masks {masks_ratio:.3f}  (goal <= 0.1; whole review run {review_s / full_s:.3f} "
+          "of the full run)")
+    return {"full_s": full_s, "noop_s": noop_s, "inc_s": inc_s, "review_s": review_s}
 
 
 def _tree_digest(root: Path) -> str:
@@ -126,6 +173,8 @@ def bench_counterfactual(tmp: Path, n_images: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=str(REPO.parent / "shared" / "data"),
+                        help="collection of datasets for the data-stage part ('sample' = the bundled sample)")
     parser.add_argument("--cf-images", type=int, default=30, help="lesion images for the counterfactual part")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-counterfactual", action="store_true")
@@ -135,7 +184,8 @@ def main() -> None:
             from prefect.testing.utilities import prefect_test_harness
 
             with prefect_test_harness(server_startup_timeout=180):
-                bench_data_stages(Path(tmp))
+                source = REPO / "data" / "sample" if args.source == "sample" else Path(args.source)
+                bench_data_stages(Path(tmp), source)
         if not args.skip_counterfactual:
             bench_counterfactual(Path(tmp), args.cf_images)
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     from cogalign.runner import run_pipeline
     from cogalign.workspace import init_workspace
-    from cogalign_core import annotate, ingest
+    from cogalign_core import annotate, ingest, ingest_merge
     from cogalign_core.config import load_params
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -32,7 +32,7 @@ def main() -> None:
         with contextlib.chdir(direct_ws.root):
             for batch in params.batches:
                 ingest.run_batch_stage(direct_ws.root, params, batch)
-            ingest.run_merge_stage(direct_ws.root, params, None)
+            ingest_merge.run_stage(direct_ws.root, params, None)
             annotate.run_stage(direct_ws.root, params, None)
         direct = time.perf_counter() - start
 

@@ -5,23 +5,33 @@ For every accepted lesion mask (``data/masks/masks.parquet``, status ``accepted`
 1. dilate the mask by a margin that grows with lesion size (``margin_fraction`` x equivalent diameter,
    clipped to [``margin_min_px``, ``margin_max_px``]); the result is the *fill* region;
 2. check the ground-truth mask (when one exists) lies fully inside the fill;
-3. inpaint the fill (:mod:`cogalign_core.inpaint`); pixels outside it are checked bit-identical;
-4. place a *matched control*: the fill's exact shape translated to a position taken from where lesions
-   sit in other images (then seeded jitter around those), fully inside the field of view
-   (:mod:`cogalign_core.fov`), at least ``control_gap_px`` away from the fill, choosing the candidate whose
-   surrounding ring looks most like the lesion's ring (mean CIELAB distance); same inpainter;
-5. optionally a *both* image (lesion removed and control filled) so the count of filled regions does
+3. a fill that reaches the image edge or the black border around the lens is clipped to the lens
+   image; black pixels are never inpainting sources (the lens edge is replicated outward, as an image
+   edge is) and keep their values. Only a fill with too little mucosa around it
+   (``min_context_fraction``) is excluded (``lesion_touches_border``);
+4. inpaint the fill (:mod:`cogalign_core.inpaint`); pixels outside it are checked bit-identical;
+5. place a *matched control*: the fill's exact shape translated to a position drawn from a fixed
+   lesion-position prior (the mirror position first, then seeded draws), fully inside the field of
+   view (:mod:`cogalign_core.fov`), at least ``control_gap_px`` away from the fill, choosing the
+   candidate whose surrounding ring looks most like the lesion's ring (mean CIELAB distance);
+6. optionally a *both* image (lesion removed and control filled) so the count of filled regions does
    not reveal the label.
+
+**Per-sample, hence incremental and leak-free.** A parent's rows depend only on that parent (image,
+masks, labels, split), the params and the code: never on other images. So a new batch changes no
+existing row (the stage recomputes only new or changed parents, see :mod:`cogalign_core.reuse`), and
+a control for a train parent can use no test-split position or statistic.
 
 Labels: counterfactual normal and both = normal at every level except location (unchanged); microvascular
 stays the parent's; the control keeps the parent's labels. Every derived image inherits the parent's
 split. A sample whose control cannot be placed is written but ``excluded`` with reason
-``no_room_for_control``; bad input (unreadable/empty/oversized/mis-sized mask, lesion on the border,
-ground truth outside the fill) gives an excluded row with its reason, never a crash.
+``no_room_for_control``; bad input (unreadable/empty/oversized/mis-sized mask, lesion without mucosa
+around it, ground truth outside the fill) gives an excluded row with its reason, never a crash.
 
-Outputs under ``data/counterfactual/``: ``images/<h2>/<sha>.png``, ``fill_masks/<h2>/<sha>.png``,
-``counterfactuals.parquet`` (:data:`COUNTERFACTUALS`), ``summary.json``, ``provenance.json``.
-Pixel frame of the stored image, origin top-left.
+Outputs under ``data/counterfactual/`` (a ``persist`` output): ``images/<h2>/<sha>.png``,
+``fill_masks/<h2>/<sha>.png``, ``counterfactuals.parquet`` (:data:`COUNTERFACTUALS`),
+``split_<split>.parquet``, ``reuse_keys.parquet``, ``summary.json`` (with coverage by reason),
+``provenance.json``. Pixel frame of the stored image, origin top-left.
 """
 
 from __future__ import annotations
@@ -40,12 +50,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, contract, io, tables, taxonomy
+from cogalign_core import answer_format, contract, io, reuse, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.counterfactual import CounterfactualParams
 from cogalign_core.executor import map_items
 from cogalign_core.fov import dark_border, estimate_fov
-from cogalign_core.inpaint import build_inpainter
+from cogalign_core.inpaint import build_inpainter, roi
 from cogalign_core.provenance import write_provenance
 from cogalign_core.segmenters.ground_truth import MaskProblem, load_mask
 from cogalign_core.segmenters.quality import touches_border
@@ -82,6 +92,7 @@ COUNTERFACTUALS = pa.schema(
         ("params_json", pa.string()),            # the params used, plus per-image margin/offset
         ("margin_px", pa.int32()),
         ("fill_area_fraction", pa.float32()),
+        ("fill_clipped", pa.bool_()),            # the lesion's fill was clipped to the lens image (border lesion)
         ("outside_identical", pa.bool_()),       # every pixel outside the fill equals the source
         ("changed_fraction", pa.float32()),      # share of fill pixels whose value changed
         ("gt_inside_fill", pa.float32()),        # share of ground-truth pixels inside the fill; null without GT
@@ -104,7 +115,7 @@ COUNTERFACTUALS = pa.schema(
 
 @dataclass
 class ParentTask:
-    """One accepted lesion mask to turn into derived images (picklable; paths absolute)."""
+    """One accepted lesion mask to turn into derived images (picklable; paths workspace-relative)."""
 
     workspace: str
     sample_id: str
@@ -116,8 +127,11 @@ class ParentTask:
     gt_mask_path: str | None
     labels: dict[str, str]
     sources: dict[str, str]
-    candidates: list[tuple[float, float]]      # lesion centroids of OTHER images, normalised (x, y)
     params: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about the parent its rows depend on (paths are content-addressed)."""
+        return {k: v for k, v in vars(self).items() if k not in ("workspace", "params")}
 
 
 def margin_for(area_px: int, params: CounterfactualParams) -> int:
@@ -157,15 +171,37 @@ def _lab_mean(lab: np.ndarray, region: np.ndarray) -> np.ndarray | None:
     return lab[region].astype(np.float64).mean(axis=0) if region.any() else None
 
 
-def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, candidates: list[tuple[float, float]],
-                  params: CounterfactualParams, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, int, int, float, str] | None:
+def context_fraction(region: np.ndarray, outside: np.ndarray) -> float:
+    """Share of the pixels just around ``region`` (8-neighbourhood) that are mucosa: inside the frame and
+    not ``outside`` (black border). 1.0 for a lesion surrounded by mucosa."""
+    padded = np.pad(region, 1)
+    around = dilate(padded, 1) & ~padded
+    usable = np.pad(~outside, 1)  # the frame's own edge counts as no context
+    n = int(around.sum())
+    return float((around & usable).sum()) / n if n else 0.0
+
+
+def prior_positions(fill_centre: tuple[float, float], params: CounterfactualParams,
+                    rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Candidate control centroids (fractions of width/height): the fill's mirror position, then draws
+    from the fixed lesion-position prior (independent normals, clipped to the frame)."""
+    cx, cy = fill_centre
+    out = [(1.0 - cx, 1.0 - cy)]
+    n = params.control_candidates - 1
+    if n > 0:
+        draws = rng.normal(0.0, params.control_prior_sd, size=(n, 2))
+        draws += (params.control_prior_x, params.control_prior_y)
+        out += [(float(x), float(y)) for x, y in np.clip(draws, 0.0, 1.0)]
+    return out
+
+
+def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, params: CounterfactualParams,
+                  rng: np.random.Generator) -> tuple[np.ndarray, int, int, float, str] | None:
     """Find a control region: ``fill`` translated, inside ``fov``, ``control_gap_px`` away from ``fill``.
 
-    First pass (``lesion_prior``): the candidate centroids (lesion positions in other images), then
-    seeded jitter around them, ``control_candidates`` positions in all. Only when none is valid, a
-    second pass (``grid``) tries a seeded sample of the valid positions of a coarse grid over the frame.
-    Among valid positions the one whose surrounding ring best matches the lesion's ring (mean CIELAB
+    First pass (``prior``): :func:`prior_positions`. Only when none is valid, a second pass
+    (``grid``) tries a seeded sample of the valid positions of a coarse grid over the frame. Among
+    valid positions the one whose surrounding ring best matches the lesion's ring (mean CIELAB
     distance) wins, ties to the first tried. Returns ``(region, dx, dy, distance, pass)`` or ``None``.
     """
     h, w = fill.shape
@@ -212,16 +248,11 @@ def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, candidates
         region[y0 + dy:y0 + dy + ch, x0 + dx:x0 + dx + cw] = crop
         return region, dx, dy, dist
 
-    bases = list(candidates) or [(1.0 - cx / w, 1.0 - cy / h)]  # no other lesions: mirror position
-    positions: list[tuple[float, float]] = list(bases[:params.control_candidates])
-    while len(positions) < params.control_candidates:
-        bx, by = bases[(len(positions) - len(bases)) % len(bases)]
-        jx, jy = rng.normal(0.0, params.control_jitter_fraction, size=2)
-        positions.append((bx + jx, by + jy))
+    positions = prior_positions((cx / w, cy / h), params, rng)
     offsets = list(dict.fromkeys((round(px * w - cx), round(py * h - cy)) for px, py in positions))
     found = best_of([o for o in offsets if valid(*o)])
     if found is not None:
-        return (*found, "lesion_prior")
+        return (*found, "prior")
     step = max(2, min(h, w) // 32)
     grid = [(gx - x0, gy - y0) for gy in range(0, h - ch + 1, step) for gx in range(0, w - cw + 1, step)]
     ok = [o for o in grid if valid(*o)]
@@ -233,13 +264,16 @@ def place_control(fill: np.ndarray, fov: np.ndarray, lab: np.ndarray, candidates
 
 
 def _stats(image: np.ndarray, region: np.ndarray, fov: np.ndarray, ring_px: int) -> dict[str, float | None]:
-    lum = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)[:, :, 0]
-    ring = _ring(region, ring_px, fov)
+    """CIELAB L* mean/std of ``region`` and of its ring (within ``fov``), computed in a window around it."""
+    rows, cols = roi(region, ring_px + 1)
+    window, sel = image[rows, cols], region[rows, cols]
+    lum = cv2.cvtColor(np.ascontiguousarray(window), cv2.COLOR_RGB2LAB)[:, :, 0]
+    ring = _ring(sel, ring_px, fov[rows, cols])
 
-    def ms(sel: np.ndarray) -> tuple[float | None, float | None]:
-        return (float(lum[sel].mean()), float(lum[sel].std())) if sel.any() else (None, None)
+    def ms(m: np.ndarray) -> tuple[float | None, float | None]:
+        return (float(lum[m].mean()), float(lum[m].std())) if m.any() else (None, None)
 
-    (fm, fs), (rm, rs) = ms(region), ms(ring)
+    (fm, fs), (rm, rs) = ms(sel), ms(ring)
     return {"fill_mean_l": fm, "fill_std_l": fs, "ring_mean_l": rm, "ring_std_l": rs}
 
 
@@ -258,14 +292,14 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
         return [_finish(row, nl, ns)]
 
     try:
-        with Image.open(task.image_path) as im:
+        with Image.open(ws / task.image_path) as im:
             image = np.asarray(im.convert("RGB"))
     except (OSError, ValueError):
         return excluded("image_unreadable")
     h, w = image.shape[:2]
     base.update(width=w, height=h)
     try:
-        mask = load_mask(task.mask_path, (h, w), "m")
+        mask = load_mask(ws / task.mask_path, (h, w), "m")
     except MaskProblem as e:
         return excluded(e.reason.removeprefix("m_"))
     if mask.mean() > params.max_area_fraction:
@@ -276,31 +310,35 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
     if fill_fraction > params.max_area_fraction:
         return excluded("mask_too_large", {"margin_px": margin, "fill_area_fraction": fill_fraction})
     outside = dark_border(image, params.fov.dark_threshold)
-    border = touches_border(fill) or bool((fill & outside).any())
-    if params.exclude_border_lesions and border:
-        return excluded("lesion_touches_border", {"margin_px": margin, "fill_area_fraction": fill_fraction})
+    clipped = touches_border(fill) or bool((fill & outside).any())
+    region = fill & ~outside
+    if clipped and (params.exclude_border_lesions or not region.any()
+                    or context_fraction(region, outside) < params.min_context_fraction):
+        return excluded("lesion_touches_border", {"margin_px": margin, "fill_area_fraction": fill_fraction,
+                                                  "fill_clipped": True})
     gt_inside = None
     if task.gt_mask_path:
         try:
-            gt = load_mask(task.gt_mask_path, (h, w), "gt")
+            gt = load_mask(ws / task.gt_mask_path, (h, w), "gt")
             gt_inside = float((gt & fill).sum() / gt.sum())
         except MaskProblem:
             gt_inside = None  # the mask stage already routed a broken GT to review
-    common = {"margin_px": margin, "gt_inside_fill": gt_inside}
+    common = {"margin_px": margin, "gt_inside_fill": gt_inside, "fill_clipped": clipped}
     if params.require_gt_inside and gt_inside is not None and gt_inside < 1.0:
         return excluded("gt_outside_fill", {**common, "fill_area_fraction": fill_fraction})
 
     inpainter = build_inpainter(params.inpainter, params.inpaint_radius)
     fov = estimate_fov(image, params.fov, outside=outside)
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
     rng = np.random.default_rng([params.seed, int(io.sha256_bytes(task.sample_id.encode())[:12], 16)])
-    control = place_control(fill, fov, lab, task.candidates, params, rng) if params.make_control else None
+    control = None
+    if params.make_control:
+        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        control = place_control(region, fov, lab, params, rng)
     per_image: dict[str, Any] = {"margin_px": margin}
     reason = "no_room_for_control" if params.make_control and control is None else None
 
-    def derive(kind: str, region: np.ndarray, labels: dict[str, str], sources: dict[str, str],
+    def derive(kind: str, region: np.ndarray, out: np.ndarray, labels: dict[str, str], sources: dict[str, str],
                extra: dict[str, Any]) -> dict[str, Any]:
-        out = inpainter.inpaint(image, region)
         changed = np.any(out != image, axis=2)
         img_path, img_sha = io.store_content_addressed(out_dir / "images", _png(out), ".png")
         fm_path, fm_sha = io.store_content_addressed(out_dir / "fill_masks", _png(region.astype(np.uint8) * 255),
@@ -309,22 +347,30 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
                "image_path": img_path.relative_to(ws).as_posix(), "image_sha256": img_sha,
                "fill_mask_path": fm_path.relative_to(ws).as_posix(), "fill_mask_sha256": fm_sha,
                "fill_area_fraction": float(region.mean()),
-               "outside_identical": bool(np.array_equal(out[~region], image[~region])),
+               "outside_identical": not bool((changed & ~region).any()),
                "changed_fraction": float(changed[region].mean()) if region.any() else 0.0,
                "params_json": json.dumps({**task.params, **per_image, **extra_params(extra)}, sort_keys=True),
                "excluded": reason is not None, "exclusion_reason": reason,
                **_stats(out, region, fov | region, params.ring_px)}
         return _finish(row, labels, sources)
 
-    rows = [derive("counterfactual_normal", fill, nl, ns, {})]
+    removed = inpainter.inpaint(image, region, outside)
+    rows = [derive("counterfactual_normal", region, removed, nl, ns, {})]
     if control is not None:
-        region, dx, dy, dist, placement = control
+        ctrl_region, dx, dy, dist, placement = control
         per_image["control_placement"] = placement
         cextra = {"control_offset_x": dx, "control_offset_y": dy,
                   "control_match_distance": dist if math.isfinite(dist) else None}
-        rows.append(derive("control", region, task.labels, task.sources, cextra))
+        filled_ctrl = inpainter.inpaint(image, ctrl_region, outside)
+        rows.append(derive("control", ctrl_region, filled_ctrl, task.labels, task.sources, cextra))
         if params.make_both:
-            rows.append(derive("both", fill | region, nl, ns, cextra))
+            both = fill_region = region | ctrl_region
+            if dilate(region, 2 * params.inpaint_radius + 2)[ctrl_region].any():
+                both_image = inpainter.inpaint(image, fill_region, outside)
+            else:  # too far apart to see each other: the union's fill is the two fills side by side
+                both_image = removed.copy()
+                both_image[ctrl_region] = filled_ctrl[ctrl_region]
+            rows.append(derive("both", both, both_image, nl, ns, cextra))
     return rows
 
 
@@ -344,26 +390,49 @@ def _finish(row: dict[str, Any], labels: dict[str, str], sources: dict[str, str]
 
 def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[str, dict[str, Any]],
                 params: CounterfactualParams) -> list[ParentTask]:
-    """One task per accepted mask whose parent is annotated, with other images' lesion positions."""
-    accepted = [m for m in masks if m["status"] == "accepted" and m.get("mask_path")]
-    centroids = {m["sample_id"]: (m["centroid_x"], m["centroid_y"]) for m in accepted
-                 if m.get("centroid_x") is not None}
+    """One task per accepted mask whose parent is annotated (nothing from other samples)."""
     dump = params.model_dump(mode="json")
-    ordered = sorted(centroids.items())
     tasks = []
-    for m in sorted(accepted, key=lambda r: r["sample_id"]):
+    for m in sorted((m for m in masks if m["status"] == "accepted" and m.get("mask_path")),
+                    key=lambda r: r["sample_id"]):
         ann = annotations[m["sample_id"]]
-        others = [c for sid, c in ordered if sid != m["sample_id"]]
-        order = np.random.default_rng([params.seed, len(tasks)]).permutation(len(others)) if others else []
         tasks.append(ParentTask(
             workspace=str(workspace), sample_id=m["sample_id"], dataset=ann["dataset"], split=ann["split"],
-            image_path=str(workspace / ann["image_path"]), mask_path=str(workspace / m["mask_path"]),
-            mask_sha256=m["mask_sha256"],
-            gt_mask_path=str(workspace / ann["mask_path"]) if ann.get("mask_path") else None,
+            image_path=ann["image_path"], mask_path=m["mask_path"], mask_sha256=m["mask_sha256"],
+            gt_mask_path=ann.get("mask_path"),
             labels={lv: ann[lv] for lv in taxonomy.LEVELS},
-            sources={lv: ann[f"{lv}_source"] for lv in taxonomy.LEVELS},
-            candidates=[others[i] for i in order], params=dump))
+            sources={lv: ann[f"{lv}_source"] for lv in taxonomy.LEVELS}, params=dump))
     return tasks
+
+
+def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-parent coverage: parents, usable (a counterfactual and, when asked, its control), the usable
+    share, parents excluded by reason and usable parents whose fill was clipped to the lens image."""
+    parents = {r["parent_sample_id"]: r for r in rows if r["kind"] == "counterfactual_normal"}
+    usable = [r for r in parents.values() if not r["excluded"]]
+    return {"parents": len(parents), "usable": len(usable),
+            "usable_fraction": round(len(usable) / len(parents), 4) if parents else None,
+            "excluded_by_reason": dict(sorted(Counter(r["exclusion_reason"] for r in parents.values()
+                                                      if r["excluded"]).items())),
+            "usable_border_clipped": sum(1 for r in usable if r.get("fill_clipped"))}
+
+
+def gallery_examples(rows: list[dict[str, Any]], annotations: dict[str, dict[str, Any]], n: int = 6
+                     ) -> list[dict[str, Any]]:
+    """Before/after examples for a report: up to ``n`` usable parents (half of them border-clipped fills
+    when there are such), each ``{parent_sample_id, clipped, original, counterfactual, control, both}``
+    with workspace-relative image paths (``None`` where absent)."""
+    by_parent: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_parent.setdefault(r["parent_sample_id"], {})[r["kind"]] = r
+    usable = sorted(p for p, k in by_parent.items() if not k["counterfactual_normal"]["excluded"])
+    clipped = [p for p in usable if by_parent[p]["counterfactual_normal"].get("fill_clipped")]
+    chosen = clipped[:n // 2]
+    chosen += [p for p in usable if p not in chosen][:n - len(chosen)]
+    return [{"parent_sample_id": p, "clipped": bool(by_parent[p]["counterfactual_normal"].get("fill_clipped")),
+             "original": annotations[p]["image_path"] if p in annotations else None,
+             **{kind: (by_parent[p].get(kind) or {}).get("image_path") for kind in KINDS}}
+            for p in sorted(chosen)]
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
@@ -381,12 +450,25 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
         raise ValueError(f"masks.parquet has {len(missing)} samples absent from annotations.parquet, "
                          f"e.g. {missing[:3]}: rerun the mask stage")
     tasks = build_tasks(ws, masks, annotations, cp)
-    rows = [r for rs in map_items(make_counterfactuals, tasks, desc="counterfactual") for r in rs]
-    rows.sort(key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
+    salt = reuse.stage_salt(STAGE, tasks[0].params if tasks else {})
+    old_keys, old_rows = reuse.previous(out_dir, TABLE_FILE, "counterfactuals", "parent_sample_id")
+    keys = {t.sample_id: reuse.sample_key(salt, t.identity()) for t in tasks}
+    kept: list[dict[str, Any]] = []
+    todo: list[ParentTask] = []
+    for t in tasks:
+        prev = old_rows.get(t.sample_id)
+        if prev and old_keys.get(t.sample_id) == keys[t.sample_id] \
+                and reuse.files_present(ws, prev, ("image_path", "fill_mask_path")):
+            kept += prev
+        else:
+            todo.append(t)
+    fresh = [r for rs in map_items(make_counterfactuals, todo, desc="counterfactual") for r in rs]
+    rows = sorted(kept + fresh, key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
     keep = {r[k] for r in rows for k in ("image_path", "fill_mask_path") if r.get(k)}
     for sub in ("images", "fill_masks"):
         io.prune_unreferenced(out_dir / sub, keep, ws)
     tables.write_rows(rows, out_dir / TABLE_FILE, COUNTERFACTUALS, "counterfactuals")
+    reuse.write_keys(out_dir, keys)
     # Per-split copies: training stages depend on their split only (paths are content-addressed,
     # so a split's table changes exactly when its images do).
     for split in tables.SPLITS:
@@ -404,6 +486,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
         "excluded_parents_by_reason": Counter(r["exclusion_reason"] for r in rows
                                               if r["excluded"] and r["kind"] == "counterfactual_normal"),
         "outside_identical_all": all(r["outside_identical"] for r in rows if r.get("image_path")),
+        "coverage": coverage(rows),
     }
     if summary["parents_out"] != summary["accepted_masks"]:
         raise AssertionError(f"counterfactual stage lost parents: {summary}")
@@ -411,4 +494,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
                                                      for k, v in summary.items()})
     write_provenance(out_dir, STAGE, ws, [MASKS_PATH.as_posix(), ANNOTATIONS_PATH.as_posix()],
                      cp.model_dump(mode="json"))
-    log.info("counterfactual: %s", summary)
+    counts = reuse.record_counts(ws, STAGE, computed=len(todo), reused=len(tasks) - len(todo))
+    log.info("counterfactual: %s; %s", summary, counts)

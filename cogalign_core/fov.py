@@ -27,21 +27,51 @@ def dark_border(image: np.ndarray, dark_threshold: int) -> np.ndarray:
 
 
 def overlay_pixels(image: np.ndarray, params: FovParams) -> np.ndarray:
-    """Bool ``(H, W)``: text/overlay-like pixels in the outer band of the frame."""
+    """Bool ``(H, W)``: burned-in text and overlay graphics in the outer band of the frame.
+
+    Green-dominant pixels are graphics (mucosa is red/pink). Bright, unsaturated pixels are text only
+    when they form a line of glyphs (after a horizontal closing: at least ``text_min_glyphs`` separate
+    components, a block at least twice as wide as tall and at most ``text_max_line_height_fraction``
+    of the frame tall): specular highlights are just as bright and grey but come as isolated blobs,
+    and taking them for overlays left no room for controls on shiny mucosa.
+    """
     h, w = image.shape[:2]
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
     sat, val = hsv[:, :, 1], hsv[:, :, 2]
     r, g, b = (image[:, :, i].astype(np.int16) for i in range(3))
-    text = (val >= params.overlay_min_value) & (sat <= params.overlay_max_saturation)
-    green = (g > 90) & (g - np.maximum(r, b) > 40)  # mucosa is red/pink; green means graphics
     band = np.zeros((h, w), dtype=bool)
     bx, by = round(w * params.overlay_band_fraction), round(h * params.overlay_band_fraction)
     band[:, :bx] = band[:, w - bx:] = True
     band[:by, :] = band[h - by:, :] = True
-    overlay = ((text | green) & band).astype(np.uint8)
-    # Close horizontally so the characters of a burned-in text line merge into one excluded block.
-    overlay = cv2.morphologyEx(overlay, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (15, 5)))
-    return (overlay > 0) & band
+    text = ((val >= params.overlay_min_value) & (sat <= params.overlay_max_saturation) & band).astype(np.uint8)
+    green = ((g > 90) & (g - np.maximum(r, b) > 40) & band).astype(np.uint8)
+    # Close horizontally so the characters of a burned-in text line merge into one block.
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (15, 5))
+    lines = _text_lines(text, cv2.morphologyEx(text, cv2.MORPH_CLOSE, kernel), params, h)
+    graphics = cv2.morphologyEx(green, cv2.MORPH_CLOSE, kernel) > 0
+    return (lines | graphics) & band
+
+
+def _text_lines(text: np.ndarray, closed: np.ndarray, params: FovParams, height: int) -> np.ndarray:
+    """Blocks of ``closed`` that look like a line of text: enough glyphs of ``text``, flat and wide."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(closed, connectivity=8)
+    if n <= 1:
+        return np.zeros(closed.shape, dtype=bool)
+    n_glyphs, glyph_labels = cv2.connectedComponents(text, connectivity=8)
+    ys, xs = np.nonzero(text)
+    # Each glyph belongs to the closed block under any of its pixels: take its first pixel.
+    first = np.full(n_glyphs, -1, dtype=np.int64)
+    gl = glyph_labels[ys, xs]
+    order = np.argsort(gl, kind="stable")
+    uniq, idx = np.unique(gl[order], return_index=True)
+    first[uniq] = order[idx]
+    block_of_glyph = labels[ys[first[1:]], xs[first[1:]]] if n_glyphs > 1 else np.zeros(0, np.int32)
+    glyphs = np.bincount(block_of_glyph, minlength=n)
+    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    is_line = (glyphs >= params.text_min_glyphs) & (bw >= 2 * bh) \
+        & (bh <= max(3.0, params.text_max_line_height_fraction * height))
+    is_line[0] = False
+    return is_line[labels]
 
 
 def estimate_fov(image: np.ndarray, params: FovParams | None = None, outside: np.ndarray | None = None

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import contract, io, tables, taxonomy
+from cogalign_core import contract, io, reuse, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.masks import MaskParams
 from cogalign_core.executor import map_items
@@ -131,6 +131,7 @@ class SampleTask:
     clinician_mask_path: str | None
     params: dict[str, Any]
     run_qc: bool = True  # also run the QC-only segmenters (in the seeded QC subset)
+    identity: dict[str, Any] = field(default_factory=dict)  # what the sample's row depends on (reuse key)
 
 
 @dataclass
@@ -413,24 +414,31 @@ def build_tasks(workspace: Path, annotations: list[dict[str, Any]], clinician: d
             clinician_boxes=[(b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in (c or {}).get("boxes") or []],
             clinician_points=[(p["x"], p["y"], p["label"]) for p in (c or {}).get("points") or []],
             clinician_mask_path=str(workspace / c["mask_path"]) if c and c.get("mask_path") else None,
-            params=dump,
+            params=dump, identity=_identity(ann, c),
         ))
-    subset = _qc_subset([t.sample_id for t in tasks if t.gt_mask_path], params)
     for task in tasks:
-        task.run_qc = task.sample_id in subset
+        task.run_qc = task.gt_mask_path is not None and in_qc_subset(task.sample_id, params)
     return no_lesion, tasks
 
 
-def _qc_subset(sample_ids: list[str], params: MaskParams) -> set[str]:
-    """Ground-truth samples on which the QC-only segmenters run: all, or a seeded hash-ranked subset.
+def _identity(ann: dict[str, Any], clinician: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything about one sample its masks row depends on (image/mask paths are content-addressed)."""
+    c = clinician or {}
+    return {"annotation": {k: ann.get(k) for k in ("sample_id", "dataset", "split", "image_path", "width", "height",
+                                                    "mask_path", "boxes", "diagnosis")},
+            "clinician": {k: c.get(k) for k in ("boxes", "points", "mask_path", "mask_sha256")} if c else None}
 
-    QC segmenters only measure (Dice vs ground truth and vs the ellipse baseline); a fixed-size
-    subset keeps GrabCut's cost bounded while the ranking (by salted hash) keeps it stable.
+
+def in_qc_subset(sample_id: str, params: MaskParams) -> bool:
+    """Whether the QC-only segmenters run on this ground-truth sample: a seeded hash below ``qc_fraction``.
+
+    QC segmenters only measure (Dice vs ground truth and vs the ellipse baseline). The choice is per
+    sample, so it never changes when other samples come or go (incremental reruns stay exact).
     """
-    if params.qc_max_samples <= 0 or len(sample_ids) <= params.qc_max_samples:
-        return set(sample_ids)
-    ranked = sorted(sample_ids, key=lambda sid: hashlib.sha256(f"{params.seed}:{sid}".encode()).hexdigest())
-    return set(ranked[:params.qc_max_samples])
+    if params.qc_fraction >= 1:
+        return True
+    u = int(hashlib.sha256(f"{params.seed}:{sample_id}".encode()).hexdigest()[:15], 16) / float(16**15)
+    return u < params.qc_fraction
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
@@ -444,10 +452,24 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     annotations = sorted(tables.read_rows(ws / ANNOTATIONS_PATH, "annotations"), key=lambda r: r["sample_id"])
     clinician = read_clinician_prompts(ws / mp.clinician_prompts)
     no_lesion, tasks = build_tasks(ws, annotations, clinician, mp)
-    results = map_items(segment_sample_cpu, tasks, desc="masks")
-    _sam_pass(ws, mp, tasks, results)
+    salt = reuse.stage_salt(STAGE, mp.model_dump(mode="json"))  # execution settings are not params
+    keys = {t.sample_id: reuse.sample_key(salt, t.identity, t.run_qc) for t in tasks}
+    old_keys, old_rows = reuse.previous(out_dir, MASKS_FILE, "masks", "sample_id")
+    old_review = {r["sample_id"]: r for r in tables.read_rows(out_dir / REVIEW_FILE, "mask_review")} \
+        if old_rows and (out_dir / REVIEW_FILE).exists() else {}
+    rows, review, todo = [], [], []
+    for t in tasks:
+        prev = old_rows.get(t.sample_id)
+        if prev and old_keys.get(t.sample_id) == keys[t.sample_id] and reuse.files_present(ws, prev, ("mask_path",)) \
+                and (prev[0]["status"] != "review" or t.sample_id in old_review):
+            rows += prev
+            if prev[0]["status"] == "review":
+                review.append(old_review[t.sample_id])
+        else:
+            todo.append(t)
+    results = map_items(segment_sample_cpu, todo, desc="masks")
+    _sam_pass(ws, mp, todo, results)
     by_id = {a["sample_id"]: a for a in annotations}
-    rows, review = [], []
     for r in results:
         row, rev = finalize_sample(by_id[r.sample_id], r, mp, out_dir, ws)
         rows.append(row)
@@ -461,6 +483,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     io.prune_unreferenced(out_dir, {r["mask_path"] for r in rows if r.get("mask_path")}, ws)
     tables.write_rows(rows, out_dir / MASKS_FILE, MASKS, "masks")
     tables.write_rows(review, out_dir / REVIEW_FILE, REVIEW, "mask_review")
+    reuse.write_keys(out_dir, keys)
     report = qc_report(rows, mp)
     io.atomic_write_json(out_dir / "qc.json", report)
     counts = Counter(r["status"] for r in rows)
@@ -474,4 +497,5 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([mp.clinician_prompts] if (ws / mp.clinician_prompts).exists() else [])
     # Parallelism is not a fact about the output: leave it out so records match across machines.
     write_provenance(out_dir, STAGE, ws, inputs, mp.model_dump(mode="json"))
-    log.info("masks: %s", summary)
+    counts = reuse.record_counts(ws, STAGE, computed=len(todo), reused=len(tasks) - len(todo))
+    log.info("masks: %s; %s", summary, counts)

@@ -28,7 +28,7 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "ingest_batch": StageSpec("cogalign_core.ingest:run_batch_stage"),
-    "ingest": StageSpec("cogalign_core.ingest:run_merge_stage"),
+    "ingest": StageSpec("cogalign_core.ingest_merge:run_stage"),
     "annotate": StageSpec("cogalign_core.annotate:run_stage"),
     "masks": StageSpec("cogalign_core.masks:run_stage"),
     "counterfactual": StageSpec("cogalign_core.counterfactual:run_stage"),

@@ -123,13 +123,35 @@ def table_from_rows(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _compact_dictionaries(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Re-encode dictionary columns as one chunk holding only the values used, in first-use order, so the
+    bytes written depend on the values alone (not on how the table was filtered or concatenated)."""
+    for i, f in enumerate(schema):
+        col = table.column(i)
+        if pa.types.is_dictionary(f.type) and pa.types.is_dictionary(col.type):
+            table = table.set_column(i, f.name, col.cast(pa.string()).combine_chunks().dictionary_encode())
+    return table
+
+
+def table_from_polars(frame: Any, schema: pa.Schema) -> pa.Table:
+    """A polars DataFrame as an Arrow table of exactly ``schema`` (columns selected and cast by name)."""
+    table = frame.select(schema.names).to_arrow()
+    arrays = []
+    for f in schema:
+        col = table.column(f.name)
+        if pa.types.is_dictionary(f.type):
+            col = col.cast(pa.string()).combine_chunks().dictionary_encode()
+        arrays.append(col.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def write_table(table: pa.Table, path: str | os.PathLike[str], schema: pa.Schema, name: str) -> None:
     """Cast ``table`` to ``schema``, stamp schema name/version metadata, write atomically.
 
     Output is deterministic for identical input (fixed compression, no timestamps), so DVC
     hashes stay stable across reruns.
     """
-    table = table.select(schema.names).cast(schema)
+    table = _compact_dictionaries(table.select(schema.names), schema).cast(schema)
     meta = dict(schema.metadata or {})
     meta.update({META_SCHEMA: name.encode(), META_VERSION: SCHEMA_VERSION.encode(),
                  META_TAXONOMY: taxonomy.TAXONOMY_VERSION.encode()})

@@ -94,3 +94,13 @@ def test_annotate_samples_labels_provenance_and_answer(tmp_path: Path) -> None:
     back = tables.read_table(out, "annotations")
     assert back.num_rows == 3 and back.schema.field("split").type == tables.enum()
     assert pq.read_metadata(out).metadata[tables.META_VERSION] == tables.SCHEMA_VERSION.encode()
+
+
+def test_a_new_batch_never_merges_existing_groups() -> None:
+    """A new sample linked to two existing groups joins the earliest; the existing keys stay as they were."""
+    first = [_sample("s1", group_id_hash="seqA"), _sample("s2", group_id_hash="seqB")]
+    before = annotate.group_keys(first, {"b0001": 0, "b0002": 1})
+    bridge = _sample("s3", batch="b0002", group_id_hash="seqB", near_dup_cluster="s1")
+    after = annotate.group_keys([*first, bridge], {"b0001": 0, "b0002": 1})
+    assert {k: after[k] for k in before} == before and before["s1"] != before["s2"]
+    assert after["s3"] == after["s1"]  # the earlier of the two groups it links to

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogalign_core import imaging, ingest, raw_batch, tables
+from cogalign_core import imaging, ingest, ingest_merge, raw_batch, tables
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
 
 PATIENT = "Jane Q. Doe MRN 00123456"
@@ -143,7 +143,7 @@ def bad_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     raw_batch.register_batch(man, raw, "b0003", layout="manifest")
     for b in params.batches:
         ingest.run_batch_stage(ws, params, b)
-    ingest.run_merge_stage(ws, params)
+    ingest_merge.run_stage(ws, params)
     out: dict[str, Any] = {"ws": ws, "params": params}
     for b in params.batches:
         bdir = ws / ingest.BATCHES_DIR / b

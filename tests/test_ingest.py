@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from cogalign_core import imaging, ingest, raw_batch, tables
+from cogalign_core import imaging, ingest, ingest_merge, near_duplicates, raw_batch, tables
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
 from cogalign_core.executor import WORKERS_ENV
 
@@ -36,7 +36,7 @@ def sample_ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(WORKERS_ENV, "2")  # exercises the process pool
         ingest.run_batch_stage(ws, params, "b0001")
-    ingest.run_merge_stage(ws, params)
+    ingest_merge.run_stage(ws, params)
     return {"ws": ws, "params": params,
             "samples": tables.read_rows(ws / "data/ingest/samples.parquet", "samples"),
             "summary": json.loads((ws / "data/ingest/summary.json").read_text())}
@@ -93,7 +93,7 @@ def test_rerun_is_byte_identical(sample_ws: dict[str, Any], tmp_path: Path) -> N
     before = {p.relative_to(ws).as_posix(): p.read_bytes() for p in (ws / "data/ingest").rglob("*") if p.is_file()}
     params = sample_ws["params"]
     ingest.run_batch_stage(ws, params, "b0001")
-    ingest.run_merge_stage(ws, params)
+    ingest_merge.run_stage(ws, params)
     after = {p.relative_to(ws).as_posix(): p.read_bytes() for p in (ws / "data/ingest").rglob("*") if p.is_file()}
     assert before.keys() == after.keys()
     assert [k for k in before if before[k] != after[k]] == []
@@ -114,7 +114,7 @@ def test_incremental_batch_keeps_ids_and_clusters_and_records_cross_batch_duplic
     params = _workspace(ws, ["b0001"])
     raw_batch.register_batch(tmp_path / "first-kvasir-seg", ws / "data/raw", "b0001")
     ingest.run_batch_stage(ws, params, "b0001")
-    ingest.run_merge_stage(ws, params)
+    ingest_merge.run_stage(ws, params)
     first = {r["sample_id"]: r for r in tables.read_rows(ws / "data/ingest/samples.parquet", "samples")}
 
     second = tmp_path / "second-kvasir-seg"
@@ -126,7 +126,7 @@ def test_incremental_batch_keeps_ids_and_clusters_and_records_cross_batch_duplic
     raw_batch.register_batch(second, ws / "data/raw", raw_batch.next_batch_id(ws / "data/raw"))
     params = _workspace(ws, ["b0001", "b0002"])
     ingest.run_batch_stage(ws, params, "b0002")
-    ingest.run_merge_stage(ws, params)
+    ingest_merge.run_stage(ws, params)
 
     merged = tables.read_rows(ws / "data/ingest/samples.parquet", "samples")
     after = {r["sample_id"]: r for r in merged}
@@ -146,8 +146,8 @@ def test_incremental_batch_keeps_ids_and_clusters_and_records_cross_batch_duplic
 def test_near_duplicate_clusters_are_stable_under_appending() -> None:
     ids = ["s1", "s2", "s3", "s4"]
     hashes = ["0000000000000000", "0000000000000003", "ffffffffffffffff", "00000000000000f0"]
-    assert ingest.near_duplicate_clusters(ids, hashes, 2) == ["s1", "s1", "s3", "s4"]
-    grown = ingest.near_duplicate_clusters([*ids, "s5"], [*hashes, "00000000000001f0"], 2)
+    assert near_duplicates.near_duplicate_clusters(ids, hashes, 2) == ["s1", "s1", "s3", "s4"]
+    grown = near_duplicates.near_duplicate_clusters([*ids, "s5"], [*hashes, "00000000000001f0"], 2)
     assert grown[:4] == ["s1", "s1", "s3", "s4"] and grown[4] == "s4"
 
 
@@ -182,3 +182,17 @@ def test_data_stages_import_neither_torch_nor_transformers(tmp_path: Path) -> No
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
     assert (ws / "data/ingest/samples.parquet").exists()
+
+
+def test_near_duplicate_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    hashes = rng.integers(0, 2**63, size=3000, dtype=np.int64).astype(np.uint64)
+    for i in rng.integers(1, 3000, size=300):  # plant near-duplicates of earlier hashes
+        flips = rng.choice(64, size=int(rng.integers(0, 9)), replace=False)
+        hashes[i] = hashes[rng.integers(0, i)] ^ np.uint64(sum(1 << int(b) for b in flips))
+    for radius in (0, 4, 6, 9):
+        expected = np.full(hashes.size, -1)
+        for i in range(1, hashes.size):
+            near = np.flatnonzero(np.bitwise_count(hashes[:i] ^ hashes[i]) <= radius)
+            expected[i] = near[0] if near.size else -1
+        assert np.array_equal(near_duplicates.earliest_neighbours(hashes, radius), expected)

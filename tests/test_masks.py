@@ -23,7 +23,8 @@ def _run(ws: Path, params: PipelineParams | None = None) -> None:
 
 def test_mask_stage_outputs_and_qc(tmp_path: Path) -> None:
     rows = build_workspace(tmp_path, kvasir=2, cvc=2, normal=1)
-    _run(tmp_path)
+    all_qc = PipelineParams.model_validate({"masks": {"qc_fraction": 1.0}})
+    _run(tmp_path, all_qc)
     out = tmp_path / "data/masks"
     table = tables.read_rows(out / "masks.parquet", "masks")
     assert [r["sample_id"] for r in table] == sorted(r["sample_id"] for r in rows)
@@ -51,7 +52,7 @@ def test_mask_stage_outputs_and_qc(tmp_path: Path) -> None:
     assert tables.read_rows(out / "review.parquet", "mask_review") == []
     # Rerun: identical bytes (deterministic outputs, no timestamps).
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    _run(tmp_path)
+    _run(tmp_path, all_qc)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
