@@ -134,12 +134,15 @@ class StageIO:
     """What one DVC stage reads and writes. ``deps`` exclude the stage's code fingerprint (always a dep).
 
     ``foreach`` names the params list a per-item stage iterates over (its paths use :data:`ITEM`).
+    ``persist`` names outs DVC keeps when the stage reruns (``persist: true``): the stage reuses each
+    sample's earlier result from them when its reuse key is unchanged (:mod:`cogalign_core.reuse`).
     """
 
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     params: tuple[str, ...]
     foreach: str | None = None
+    persist: tuple[str, ...] = ()
 
 
 _TRAIN_SPLITS = (annotation_split("train"),)
@@ -153,9 +156,10 @@ STAGES: dict[str, StageIO] = {
                       params=("batches", "privacy.salt", "ingest.phash_max_distance")),
     "annotate": StageIO(deps=(SAMPLES, INGEST_BATCHES, CLINICIAN_LABELS), outs=(ANNOTATE,),
                         params=("batches", "annotate")),
-    "masks": StageIO(deps=(ANNOTATIONS, INGEST_BATCHES, REVIEW), outs=(MASKS,), params=("masks",)),
+    "masks": StageIO(deps=(ANNOTATIONS, INGEST_BATCHES, REVIEW), outs=(MASKS,), params=("masks",),
+                     persist=(MASKS,)),
     "counterfactual": StageIO(deps=(ANNOTATIONS, MASKS, INGEST_BATCHES), outs=(COUNTERFACTUAL,),
-                              params=("counterfactual",)),
+                              params=("counterfactual",), persist=(COUNTERFACTUAL,)),
     "base_model": StageIO(deps=_TRAIN_SPLITS, outs=(BASE_MODEL,), params=("model",)),
     "sft": StageIO(deps=_ARM_INPUTS, outs=(stage_dir("sft"),), params=("model",)),
     "sft_cf": StageIO(deps=_ARM_INPUTS, outs=(stage_dir("sft_cf"),), params=("model",)),

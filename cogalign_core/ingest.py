@@ -66,10 +66,10 @@ def run_batch_stage(workspace: Path, params: PipelineParams, item: str | None) -
                             desc=f"ingest {item}", chunksize=_chunksize(len(plan.tasks)))
         records, quarantine, duplicates, counts = _collect(batch, plan, results, salt)
         _remove_unreferenced(tmp, records, results)
-        tables.write_rows(records, tmp / "records.parquet", tables.SAMPLES, "samples")
-        tables.write_rows(quarantine, tmp / "quarantine.parquet", tables.QUARANTINE, "quarantine")
-        tables.write_rows(duplicates, tmp / "duplicates.parquet", tables.DUPLICATES, "duplicates")
-        atomic_write_json(tmp / "summary.json", _batch_summary(batch, plan, counts, records, quarantine, duplicates))
+        tables.write_rows(records, tmp / contract.BATCH_RECORDS, tables.SAMPLES, "samples")
+        tables.write_rows(quarantine, tmp / contract.BATCH_QUARANTINE, tables.QUARANTINE, "quarantine")
+        tables.write_rows(duplicates, tmp / contract.BATCH_DUPLICATES, tables.DUPLICATES, "duplicates")
+        atomic_write_json(tmp / contract.SUMMARY, _batch_summary(batch, plan, counts, records, quarantine, duplicates))
         write_provenance(tmp, "ingest_batch", ws, [contract.raw_batch_record(item)],
                          {"ingest": cfg.model_dump(mode="json")}, extra={"batch_id": item})
 

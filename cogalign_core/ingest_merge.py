@@ -19,14 +19,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogalign_core import tables
+from cogalign_core import contract, tables
 from cogalign_core.config import PipelineParams
-from cogalign_core.ingest import BATCHES_DIR, INGEST_DIR
 from cogalign_core.io import atomic_write_json
 from cogalign_core.near_duplicates import cluster_roots, hashes_from_hex
 from cogalign_core.provenance import write_provenance
 
-BATCH_FILES = ("records.parquet", "quarantine.parquet", "duplicates.parquet", "summary.json")
+INGEST_DIR = Path(contract.INGEST)
+BATCHES_DIR = Path(contract.INGEST_BATCHES)
+BATCH_FILES = (contract.BATCH_RECORDS, contract.BATCH_QUARANTINE, contract.BATCH_DUPLICATES, contract.SUMMARY)
 
 
 def _counts(column: pa.Array) -> dict[str, int]:
@@ -67,13 +68,13 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     inputs: list[str] = []
     for batch_id in params.batches:
         bdir = ws / BATCHES_DIR / batch_id
-        if not (bdir / "summary.json").exists():
+        if not (bdir / contract.SUMMARY).exists():
             raise FileNotFoundError(f"{bdir}/summary.json not found: run the ingest_batch stage for {batch_id} first")
         inputs += [f"{BATCHES_DIR.as_posix()}/{batch_id}/{n}" for n in BATCH_FILES]
-        summaries.append(json.loads((bdir / "summary.json").read_text()))
-        records.append(tables.read_table(bdir / "records.parquet", "samples").cast(tables.SAMPLES))
-        quarantines.append(tables.read_table(bdir / "quarantine.parquet", "quarantine").cast(tables.QUARANTINE))
-        dups.append(tables.read_table(bdir / "duplicates.parquet", "duplicates").cast(tables.DUPLICATES))
+        summaries.append(json.loads((bdir / contract.SUMMARY).read_text()))
+        records.append(tables.read_table(bdir / contract.BATCH_RECORDS, "samples").cast(tables.SAMPLES))
+        quarantines.append(tables.read_table(bdir / contract.BATCH_QUARANTINE, "quarantine").cast(tables.QUARANTINE))
+        dups.append(tables.read_table(bdir / contract.BATCH_DUPLICATES, "duplicates").cast(tables.DUPLICATES))
     samples, cross_dups, cross = merge_batches(records, list(params.batches), params.ingest.phash_max_distance)
     per_batch: dict[str, dict[str, Any]] = {}
     for batch_id, bsum, rec, bq, bd, n_cross in zip(params.batches, summaries, records, quarantines, dups, cross,
@@ -95,9 +96,9 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     duplicates = pa.concat_tables([*dups, cross_dups.cast(tables.DUPLICATES)]) if dups else \
         tables.DUPLICATES.empty_table()
     out = ws / INGEST_DIR
-    tables.write_table(samples, out / "samples.parquet", tables.SAMPLES, "samples")
-    tables.write_table(quarantine, out / "quarantine.parquet", tables.QUARANTINE, "quarantine")
-    tables.write_table(duplicates, out / "duplicates.parquet", tables.DUPLICATES, "duplicates")
+    tables.write_table(samples, ws / contract.SAMPLES, tables.SAMPLES, "samples")
+    tables.write_table(quarantine, ws / contract.QUARANTINE, tables.QUARANTINE, "quarantine")
+    tables.write_table(duplicates, ws / contract.DUPLICATES, tables.DUPLICATES, "duplicates")
     sizes = pl.from_arrow(samples.select(["near_dup_cluster"])).group_by("near_dup_cluster").len()["len"]  # type: ignore[union-attr]
     summary = {
         "batches": per_batch, "total": total,
@@ -105,6 +106,6 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "samples_in_multi_member_clusters": int(sizes.filter(sizes > 1).sum()),
         "quarantined_by_reason": _counts(quarantine.column("reason")),
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(ws / contract.INGEST_SUMMARY, summary)
     write_provenance(out, "ingest", ws, inputs, {"batches": list(params.batches),
                                                  "ingest.phash_max_distance": params.ingest.phash_max_distance})

@@ -30,7 +30,10 @@ def test_dvc_yaml_deps_outs_params_match_the_contract(name: str) -> None:
     fingerprint = contract.fingerprint(name)
     assert spec["deps"][0] == fingerprint  # the code fingerprint comes first, then the data
     assert sorted(spec["deps"][1:]) == sorted(io.deps), name
-    assert sorted(spec["outs"]) == sorted(io.outs), name
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"]]
+    persist = [next(iter(o)) for o in spec["outs"] if isinstance(o, dict) and next(iter(o.values())).get("persist")]
+    assert sorted(outs) == sorted(io.outs), name
+    assert sorted(persist) == sorted(io.persist), name
     assert sorted(spec.get("params", [])) == sorted(io.params), name
     assert spec["foreach"] == (f"${{{io.foreach}}}" if io.foreach else None), name
     assert spec["cmd"].split()[3] == name

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from cogalign_core import raw_batch, reuse, review, tables
+from cogalign_core import contract, raw_batch, reuse, review, tables
+from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params
 from cogalign_core.io import atomic_write_text
-from cogalign_core.sample_workspace import CLINICIAN_HEADER, CLINICIAN_LABELS, sample_root, subset_sample
+from cogalign_core.sample_workspace import sample_root, subset_sample
 from cogalign_core.stage import run as run_stage
 
 SALT = "incremental-test-" + "0" * 32
@@ -57,7 +58,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _workspace(root: Path) -> Path:
     root.mkdir(parents=True)
-    atomic_write_text(root / CLINICIAN_LABELS, CLINICIAN_HEADER)
+    atomic_write_text(root / contract.CLINICIAN_LABELS, CLINICIAN_CSV_HEADER)
     review.ensure_prompts_file(root)
     _write_params(root, [])
     return root
