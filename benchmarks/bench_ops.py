@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -106,6 +107,8 @@ def bench_data_stages(tmp: Path, source: Path) -> dict[str, float]:
     n_base = sum(1 for p in base.rglob("*") if p.suffix.lower() in (".jpg", ".png") and p.parent.name != "masks")
     print(f"data stages ({source}: {n_base} images, then +{n_new} new):")
     full_s, full_stages, _ = run("full run")
+    cf_summary = json.loads((ws.root / "data/counterfactual/summary.json").read_text())
+    print(f"  counterfactual coverage after the full run: {json.dumps(cf_summary['coverage'])}")
     noop_s, _, noop = run("no-op rerun")
     assert noop.up_to_date  # type: ignore[attr-defined]
     register(Workspace.open(ws.root), new, layout="collection")

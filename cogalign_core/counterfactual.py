@@ -141,11 +141,19 @@ def margin_for(area_px: int, params: CounterfactualParams) -> int:
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Bool mask grown by an elliptical structuring element of ``radius`` px."""
+    """Bool mask grown by an elliptical structuring element of ``radius`` px.
+
+    Only the mask's bounding box grown by ``radius`` is dilated (nothing farther can change), so
+    the cost follows the lesion, not the frame; the result equals a full-frame ``cv2.dilate``.
+    """
     if radius <= 0:
         return mask.copy()
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(mask.astype(np.uint8), k) > 0
+    out = np.zeros(mask.shape, dtype=bool)
+    rows, cols = roi(mask, radius)
+    if rows.stop > rows.start:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        out[rows, cols] = cv2.dilate(mask[rows, cols].astype(np.uint8), k) > 0
+    return out
 
 
 def normal_labels(parent: dict[str, str], parent_sources: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
