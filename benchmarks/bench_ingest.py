@@ -63,6 +63,44 @@ def bare_loop(paths: list[str], workers: int) -> float:
     return time.perf_counter() - start
 
 
+def breakdown(image_paths: list[str], mask_of: dict[str, str], out: Path) -> dict[str, float]:
+    """Serial milliseconds per image for each step ingest adds to the bare loop (one process, same files)."""
+    import hashlib as _h
+
+    from cogalign_core import imaging
+
+    steps = dict.fromkeys(("bare read+sha256+decode (image and mask)", "pixel id (tobytes+sha256)", "phash",
+                           "metadata-free stored bytes", "mask validation", "content-addressed writes"), 0.0)
+    for i, path in enumerate(image_paths):
+        t = time.perf_counter()
+        bare_one(path)
+        if path in mask_of:
+            bare_one(mask_of[path])
+        t1 = time.perf_counter()
+        steps["bare read+sha256+decode (image and mask)"] += t1 - t
+        data = Path(path).read_bytes()
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        rgb = imaging.to_rgb8(im)
+        t2 = time.perf_counter()
+        imaging.rgb_sample_id(rgb)
+        t3 = time.perf_counter()
+        factor = max(1, min(rgb.size) // 64)
+        imaging.phash_hex(rgb.reduce(factor) if factor > 1 else rgb)
+        t4 = time.perf_counter()
+        stored = imaging.strip_jpeg_metadata(data) if im.format == "JPEG" else imaging.encode_png(rgb)
+        t5 = time.perf_counter()
+        mask = imaging.decode_mask(mask_of[path], rgb.size, 127, 50_000_000) if path in mask_of else None
+        t6 = time.perf_counter()
+        for j, blob in enumerate((stored, mask.stored if mask else None)):
+            if blob is not None:
+                (out / f"{i}-{j}-{_h.sha256(blob).hexdigest()}").write_bytes(blob)
+        t7 = time.perf_counter()
+        for key, dt in zip(list(steps)[1:], (t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6), strict=True):
+            steps[key] += dt
+    return {k: v * 1000 / max(1, len(image_paths)) for k, v in steps.items()}
+
+
 def ours(ws: Path, params: PipelineParams, batch_id: str) -> float:
     shutil.rmtree(ws / ingest.BATCHES_DIR, ignore_errors=True)
     start = time.perf_counter()
@@ -95,6 +133,12 @@ def main() -> None:
         stored = sum(p.stat().st_size for p in (ws / ingest.BATCHES_DIR / "b0001").rglob("*")
                      if p.is_file() and p.parent.parent.name in ("images", "masks"))
         source_bytes = sum(Path(p).stat().st_size for p in paths)
+        images = [p for p in paths if "/masks/" not in p]
+        masks = {p: p.replace("/images/", "/masks/").rsplit(".", 1)[0] + ".png" for p in images}
+        masks = {k: v for k, v in masks.items() if Path(v).exists()}
+        steps_dir = ws / "steps"
+        steps_dir.mkdir()
+        steps = breakdown(images[:120], masks, steps_dir)
     bare, mine = min(bare_times), min(ours_times)
     print(f"source: {source} (layout {batch['layout']}, {len(paths)} image/mask files, {source_bytes / 1e6:.1f} MB)")
     print(f"workers: {workers}")
@@ -103,6 +147,9 @@ def main() -> None:
     print(f"stored images+masks: {stored / 1e6:.1f} MB ({stored / max(source_bytes, 1):.2f}x the source files)")
     print(f"ratio bare/ingest = {bare / mine:.2f}  (target >= 0.8)")
     print("batch summary:", summary.replace("\n", " ")[:400])
+    print("serial ms per image, first 120 images (what ingest adds to the bare loop, and the loop itself):")
+    for name, ms in steps.items():
+        print(f"  {name:<42} {ms:6.2f}")
 
 
 if __name__ == "__main__":
