@@ -16,6 +16,7 @@ sample linked to several existing groups joins the earliest one (existing groups
 The stage works on Arrow/polars columns: labels, answers and splits are computed once per distinct
 value (a few label combinations, one hash per group) and joined back, and mask facts are read only
 for samples with a mask, so a million rows annotate in seconds (``benchmarks/bench_scale.py``).
+(Over 400 lines: labels, groups, splits and the clinician CSV are one stage's rules, tested together.)
 """
 
 from __future__ import annotations

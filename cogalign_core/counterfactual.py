@@ -32,6 +32,9 @@ Outputs under ``data/counterfactual/`` (a ``persist`` output): ``images/<h2>/<sh
 ``fill_masks/<h2>/<sha>.png``, ``counterfactuals.parquet`` (:data:`COUNTERFACTUALS`),
 ``split_<split>.parquet``, ``reuse_keys.parquet``, ``summary.json`` (with coverage by reason),
 ``provenance.json``. Pixel frame of the stored image, origin top-left.
+
+Over 400 lines on purpose: the table schema, the per-parent rules and the stage loop change together;
+the FOV estimate and the inpainters live in their own modules.
 """
 
 from __future__ import annotations

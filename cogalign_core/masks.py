@@ -15,7 +15,8 @@ the ``masks.segmenter`` output on the prompts. Prompts, in order: clinician boxe
 boxes; boxes of the ground-truth mask's components. A lesion sample with no prompt goes to review.
 Samples labelled normal without any mask or prompt are ``no_lesion`` (nothing to segment).
 
-Coordinates: pixel frame of the stored image, origin top-left; boxes inclusive.
+Coordinates: pixel frame of the stored image, origin top-left; boxes inclusive. (Over 400 lines: the
+schemas, acceptance order and QC gates change together; segmenters and mask encoding are modules of their own.)
 """
 
 from __future__ import annotations
