@@ -12,7 +12,8 @@ Every image goes through the model's square canvas (:mod:`cogalign_core.canvas`)
 greedy, batched, capped at ``evaluate.max_new_tokens``. Completions are parsed and scored by
 :mod:`cogalign_core.metrics` only. Outputs under ``data/evaluate/``: ``predictions.parquet``
 (:data:`PREDICTIONS`), ``metrics.json``, ``plots/*.csv``, ``report.html``, ``summary.json``
-(counts: in = prompts + skipped), ``provenance.json``. Nothing time- or run-dependent is written.
+(counts: in = prompts + skipped), ``provenance.json``, ``model_cards/<model>/README.md`` (each model's
+card with these metrics, :mod:`cogalign_core.train.model_card`). Nothing time- or run-dependent is written.
 """
 
 from __future__ import annotations
@@ -382,6 +383,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     from cogalign_core.train.base_model import canvas_spec
     from cogalign_core.train.feature_cache import FeatureCache, cached_tower
     from cogalign_core.train.infer import generate_answers
+    from cogalign_core.train.model_card import write_evaluated_cards
     from cogalign_core.train.modeling import freeze_vision_tower, load_model_and_processor
     from cogalign_core.train.recipe import load_recipe
 
@@ -444,6 +446,8 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
                         build_gallery(rows, prompts, by_id, ep.gallery_size, ep.seed), ws,
                         notes=_notes(counts, skipped, majority, ep.constant_answer, ep.bootstrap_resamples),
                         title=f"CogAlign evaluation (recipe {params.model.recipe})")
+    # Model cards with this evaluation, under this stage's own output (the models belong to other stages).
+    write_evaluated_cards(out, metric_tree, {m: model_dir(ws, m) for m in ep.models})
     n_in = len(prompts) + len(skipped)
     atomic_write_json(out / "summary.json", {
         "prompts_built": n_in, "prompts_evaluated": len(prompts), "prompts_skipped": len(skipped),

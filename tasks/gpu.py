@@ -7,26 +7,30 @@ stage runs on the CPU (an empty ``CUDA_VISIBLE_DEVICES``).
 
 Stages declare their GPU count in ``dvc.yaml`` (``meta: {gpus: N}``). A multi-GPU training stage
 runs its command through ``accelerate launch`` with the recipe's config (``recipes/accelerate/``:
-ddp, fsdp, zero2, zero3) and one process per allocated GPU, e.g. for ``gpus: 4``::
+ddp or zero2; fsdp and zero3 are refused until the final save gathers sharded weights) and one
+process per allocated GPU, e.g. for ``gpus: 4``::
 
-    accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 4 \
+    accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes 4 \
         -m cogalign_core.stage sft
 
-(:func:`accelerate_launch_command` builds that line). On a cluster, such a stage runs as its own
-deployment on a GPU work pool (see the workspace's ``prefect.yaml``).
+(:func:`accelerate_launch_command` builds that line). The stage process itself makes that call
+(:mod:`cogalign_core.train.launch`), so DVC still runs one command per stage: this allocator only
+decides which devices it gets, through ``CUDA_VISIBLE_DEVICES`` and ``COGALIGN_GPU_DEVICES``. On a
+cluster, such a stage runs as its own deployment on a GPU work pool (see the workspace's ``prefect.yaml``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
-SIMULATED_ENV = "COGALIGN_GPU_DEVICES"
+from cogalign_core.train.launch import ALLOCATION_ENV, accelerate_launch_command, allocated_devices
+
+SIMULATED_ENV = ALLOCATION_ENV
+__all__ = ["SIMULATED_ENV", "GpuAllocator", "accelerate_launch_command", "visible_gpus"]
 
 
 def visible_gpus() -> list[str]:
@@ -34,10 +38,9 @@ def visible_gpus() -> list[str]:
 
     ``COGALIGN_GPU_DEVICES`` (comma list) overrides discovery, for tests and pinned hosts.
     """
-    for var in (SIMULATED_ENV, "CUDA_VISIBLE_DEVICES"):
-        value = os.environ.get(var)
-        if value is not None:
-            return [d.strip() for d in value.split(",") if d.strip() and d.strip() != "-1"]
+    allocated = allocated_devices()
+    if allocated is not None:
+        return allocated
     if shutil.which("nvidia-smi") is None:
         return []
     try:
@@ -75,16 +78,3 @@ class GpuAllocator:
                 self._free.extend(taken)
                 self._free.sort(key=self.devices.index)
                 self._cond.notify_all()
-
-
-def accelerate_launch_command(config_file: str, devices: str, module: str, *args: str) -> list[str]:
-    """``accelerate launch`` argv for ``python -m module args`` on the allocated ``devices``.
-
-    One process per device id in ``devices`` (a ``CUDA_VISIBLE_DEVICES`` value); the config file's
-    own ``num_processes`` is overridden, so one recipe config serves any allocation size.
-    """
-    count = len([d for d in devices.split(",") if d.strip()])
-    if count == 0:
-        raise ValueError("accelerate launch needs at least one allocated GPU (devices is empty)")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-            "--num_processes", str(count), "-m", module, *args]

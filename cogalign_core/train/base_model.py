@@ -177,3 +177,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
                      params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
                      extra={"base_model": {k: v for k, v in facts.items() if k in IDENTITY_KEYS},
                             **({"vision_weights": facts["vision_weights"]} if "vision_weights" in facts else {})})
+    if recipe.model.kind in OFFLINE_KINDS:
+        from cogalign_core.train.model_card import write_base_model_card
+
+        write_base_model_card(workspace, recipe, params, facts, workspace / MODEL_DIR)

@@ -15,7 +15,7 @@ mean, the fraction of zero-variance groups, KL, completion length), ``summary.js
 from __future__ import annotations
 
 import contextlib
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,10 @@ from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
 from cogalign_core.rewards import REWARDS
-from cogalign_core.train import base_model, data, modeling, sft
+from cogalign_core.train import base_model, data, model_card, modeling, sft
+from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resume_point, training_dir
 from cogalign_core.train.feature_cache import cached_tower
+from cogalign_core.train.launch import is_main_process
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
@@ -56,8 +58,9 @@ def csv_names(recipe: Recipe) -> dict[str, str]:
     return {c: c.replace("rewards/", "reward_").replace("/", ".") for c in log_columns(recipe)}
 
 
-def grpo_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None) -> GRPOConfig:
-    """TRL ``GRPOConfig`` from the recipe (no checkpoints, no external loggers)."""
+def grpo_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None,
+                checkpoint_args: Mapping[str, Any] | None = None) -> GRPOConfig:
+    """TRL ``GRPOConfig`` from the recipe (no external loggers; checkpoints only with ``checkpoint_args``)."""
     t, g = recipe.train, recipe.grpo
     assert g is not None
     _, weights = reward_functions(recipe)
@@ -72,19 +75,21 @@ def grpo_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = 
         max_completion_length=g.max_completion_length, reward_weights=weights, loss_type=g.loss_type,
         # use_cache: without it Trainer turns the KV cache off in the model config and every generated token
         # recomputes the whole sequence (20x slower generation on CPU).
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False, use_cache=True,
-        log_completions=False,
+        report_to="none", disable_tqdm=True, remove_unused_columns=False, use_cache=True,
+        log_completions=False, **(checkpoint_args or {"save_strategy": "no"}),
     )
 
 
 def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: Any, recipe: Recipe,
                   output_dir: str | Path, max_steps: int | None = None,
-                  callbacks: list[TrainerCallback] | None = None) -> GRPOTrainer:
+                  callbacks: list[TrainerCallback] | None = None,
+                  checkpoint_args: Mapping[str, Any] | None = None) -> GRPOTrainer:
     """A ``GRPOTrainer`` for the recipe (LoRA-wrapped when the recipe says so)."""
     if recipe.lora.freeze_vision:
         modeling.freeze_vision_tower(model)
     funcs, _ = reward_functions(recipe)
-    return GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(recipe, output_dir, max_steps),
+    args = grpo_config(recipe, output_dir, max_steps, checkpoint_args)
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=args,
                        train_dataset=train_ds, processing_class=processor,
                        peft_config=sft.lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
 
@@ -126,16 +131,21 @@ def reward_trajectory(log: StepLog, recipe: Recipe) -> dict[str, dict[str, float
 
 
 def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, model_params: ModelParams,
-               max_steps: int | None = None) -> dict[str, Any]:
-    """Run GRPO from ``start_dir``; write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
+               max_steps: int | None = None, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+    """Run GRPO from ``start_dir``; write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``.
+
+    With ``checkpoints`` it saves resume points there and resumes from the newest one. Under a
+    multi-process launch only process 0 writes; the others return an empty summary.
+    """
     examples, counts = grpo_examples(workspace, recipe, model_params)
     modeling.configure_cpu_threads()
     train_ds = data.to_dataset(examples, workspace, base_model.canvas_spec(recipe), with_completion=False)
     model, processor = modeling.load_model_and_processor(start_dir, recipe.model.dtype,
                                                          recipe.model.attn_implementation)
     log = StepLog()
-    with tempfile.TemporaryDirectory(prefix="cogalign-grpo-") as tmp:
-        trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log])
+    with training_dir(checkpoints, "cogalign-grpo-") as workdir:
+        trainer = build_trainer(model, processor, train_ds, recipe, workdir, max_steps, callbacks=[log],
+                                checkpoint_args=checkpoints.trainer_args() if checkpoints else None)
         # A frozen tower encodes each image once: generation, the policy and the reference model
         # share one cache (their towers are bit-identical), so the G copies of a prompt cost one.
         with contextlib.ExitStack() as stack:
@@ -143,11 +153,14 @@ def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, 
             if getattr(trainer, "ref_model", None) is not None:
                 modeling.freeze_vision_tower(trainer.ref_model)
                 stack.enter_context(cached_tower(trainer.ref_model, cache))
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume_point(checkpoints, log))
+    if not trainer.is_world_process_zero():
+        return {}
     modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
     write_log_csv(out_dir / "log.csv", log, log_columns(recipe), rename=csv_names(recipe))
     spread = log.series("reward_std")
-    summary = {**counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
+    summary = {**counts, "steps": trainer.state.global_step, "processes": trainer.args.world_size,
+               "lora": recipe.lora.enabled,
                "use_counterfactuals": bool(recipe.grpo and recipe.grpo.use_counterfactuals),
                "rewards": reward_trajectory(log, recipe),
                "steps_with_reward_spread": sum(v > 0 for _, v in spread),
@@ -162,13 +175,17 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     if not (start / "config.json").is_file():
         raise FileNotFoundError(f"{start} not found: run the sft stage first")
     out = workspace / contract.stage_dir(stage)
-    summary = train_grpo(workspace, recipe, start, out, params.model)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), SFT_MODEL.as_posix()]
     if recipe.grpo is not None and recipe.grpo.use_counterfactuals:
         inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    write_provenance(out, stage, workspace, inputs,
-                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
-                     extra={"steps": summary["steps"]})
+    used = {"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")}
+    checkpoints = open_checkpoints(workspace, stage, inputs, used, recipe.train)
+    summary = train_grpo(workspace, recipe, start, out, params.model, checkpoints=checkpoints)
+    if not is_main_process():
+        return
+    write_provenance(out, stage, workspace, inputs, params=used, extra={"steps": summary["steps"]})
+    model_card.write_training_cards(workspace, stage, recipe, params, SFT_MODEL.as_posix())
+    checkpoints.finish()
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:

@@ -172,6 +172,15 @@ class TrainSpec(_Strict):
     gradient_checkpointing: bool = False
     bf16: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    save_steps: int = Field(
+        100, ge=1,
+        description="Checkpoint every N optimisation steps (and at the last step): model, optimizer, scheduler, "
+        "RNG states and data position, under the workspace's .cogalign/checkpoints/<stage>/<inputs key>/ "
+        "(cogalign_core.train.checkpoints). A rerun after a kill resumes from the newest complete one.")
+    save_total_limit: int = Field(
+        2, ge=1,
+        description="Keep at most N checkpoints while a stage trains (older ones are deleted as new ones are "
+        "saved); all are removed once the stage has written its outputs.")
 
 
 class SFTSpec(_Strict):

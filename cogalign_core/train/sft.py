@@ -18,7 +18,7 @@ grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,10 @@ from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import write_provenance
-from cogalign_core.train import base_model, data, infer, modeling
+from cogalign_core.train import base_model, data, infer, model_card, modeling
+from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resume_point, training_dir
 from cogalign_core.train.feature_cache import cached_tower
+from cogalign_core.train.launch import is_main_process
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
@@ -57,9 +59,9 @@ def lora_config(recipe: Recipe) -> Any:
                       modules_to_save=list(recipe.lora.modules_to_save) or None)
 
 
-def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None, do_eval: bool = True
-               ) -> SFTConfig:
-    """TRL ``SFTConfig`` from the recipe (no checkpoints, no external loggers)."""
+def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = None, do_eval: bool = True,
+               checkpoint_args: Mapping[str, Any] | None = None) -> SFTConfig:
+    """TRL ``SFTConfig`` from the recipe (no external loggers; checkpoints only with ``checkpoint_args``)."""
     t, s = recipe.train, recipe.sft
     assert s is not None
     return SFTConfig(
@@ -72,19 +74,22 @@ def sft_config(recipe: Recipe, output_dir: str | Path, max_steps: int | None = N
         dataloader_num_workers=t.dataloader_num_workers, max_length=s.max_length,
         completion_only_loss=True, eval_strategy="steps" if do_eval else "no", eval_steps=s.eval_steps,
         # use_cache: Trainer copies it into the model's config, which the saved model (and its generation) keeps.
-        save_strategy="no", report_to="none", disable_tqdm=True, packing=False, padding_free=False, use_cache=True,
+        report_to="none", disable_tqdm=True, packing=False, padding_free=False, use_cache=True,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        **(checkpoint_args or {"save_strategy": "no"}),
     )
 
 
 def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, train_ds: Any, eval_ds: Any | None,
                   recipe: Recipe, output_dir: str | Path, max_steps: int | None = None,
-                  callbacks: list[TrainerCallback] | None = None) -> SFTTrainer:
+                  callbacks: list[TrainerCallback] | None = None,
+                  checkpoint_args: Mapping[str, Any] | None = None) -> SFTTrainer:
     """An ``SFTTrainer`` for the recipe (LoRA-wrapped when the recipe says so; the tower frozen first,
     BatchNorm included, since PEFT freezes weights but not running statistics)."""
     if recipe.lora.freeze_vision:
         modeling.freeze_vision_tower(model)
-    return SFTTrainer(model=model, args=sft_config(recipe, output_dir, max_steps, do_eval=eval_ds is not None),
+    args = sft_config(recipe, output_dir, max_steps, do_eval=eval_ds is not None, checkpoint_args=checkpoint_args)
+    return SFTTrainer(model=model, args=args,
                       train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
                       peft_config=lora_config(recipe) if recipe.lora.enabled else None, callbacks=callbacks)
 
@@ -116,8 +121,12 @@ def sft_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
 
 
 def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, model_params: ModelParams,
-              max_steps: int | None = None) -> dict[str, Any]:
-    """Run SFT from ``base_dir`` and write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``."""
+              max_steps: int | None = None, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+    """Run SFT from ``base_dir`` and write model/, adapter/ (LoRA), log.csv and summary.json to ``out_dir``.
+
+    With ``checkpoints`` it saves resume points there and resumes from the newest one. Under a
+    multi-process launch only process 0 writes; the others return an empty summary.
+    """
     train, val, counts = sft_examples(workspace, recipe, model_params)
     modeling.configure_cpu_threads()
     spec = base_model.canvas_spec(recipe)
@@ -126,19 +135,23 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
     model, processor = modeling.load_model_and_processor(base_dir, recipe.model.dtype,
                                                          recipe.model.attn_implementation)
     log = StepLog()
-    with tempfile.TemporaryDirectory(prefix="cogalign-sft-") as tmp:
-        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log])
+    with training_dir(checkpoints, "cogalign-sft-") as workdir:
+        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, workdir, max_steps, callbacks=[log],
+                                checkpoint_args=checkpoints.trainer_args() if checkpoints else None)
         with cached_tower(trainer.model) as cache:  # a frozen tower encodes each image once
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume_point(checkpoints, log))
             if eval_ds is not None:
                 trainer.evaluate()
+            if not trainer.is_world_process_zero():
+                return {}
             trained = modeling.save_trained(trainer.model, processor, out_dir, recipe.lora.enabled)
             check = train_ds.select(range(min(PARSE_CHECK_SAMPLES, len(train_ds))))
             answers = infer.generate_answers(trained, processor, list(check["image"]), recipe.grounding)
     write_log_csv(out_dir / "log.csv", log, LOG_COLUMNS)
     losses, evals = log.series("loss"), log.series("eval_loss")
     summary = {
-        **counts, "steps": trainer.state.global_step, "lora": recipe.lora.enabled,
+        **counts, "steps": trainer.state.global_step, "processes": trainer.args.world_size,
+        "lora": recipe.lora.enabled,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
         "eval_loss_first": evals[0][1] if evals else None, "eval_loss_last": evals[-1][1] if evals else None,
@@ -155,16 +168,20 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     assert recipe.sft is not None
     base_dir = base_model.resolve_base_model_dir(workspace)
     out = workspace / contract.stage_dir(stage)
-    summary = train_sft(workspace, recipe, base_dir, out, params.model)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
               base_model.REFERENCE_FILE.as_posix()]
     if recipe.model.kind in base_model.OFFLINE_KINDS:
         inputs.append(base_model.MODEL_DIR.as_posix())
     if recipe.sft.include_counterfactuals:
         inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    write_provenance(out, stage, workspace, inputs,
-                     params={"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")},
-                     extra={"steps": summary["steps"]})
+    used = {"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")}
+    checkpoints = open_checkpoints(workspace, stage, inputs, used, recipe.train)
+    summary = train_sft(workspace, recipe, base_dir, out, params.model, checkpoints=checkpoints)
+    if not is_main_process():
+        return
+    write_provenance(out, stage, workspace, inputs, params=used, extra={"steps": summary["steps"]})
+    model_card.write_training_cards(workspace, stage, recipe, params, base_model.MODEL_DIR.as_posix())
+    checkpoints.finish()
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
