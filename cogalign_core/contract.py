@@ -99,6 +99,7 @@ def model_dir(stage: str) -> str:
 BASE_MODEL = stage_dir("base_model")
 BASE_MODEL_REFERENCE = f"{BASE_MODEL}/base_model.json"
 TRAINING_LOG = "log.csv"  # inside a training stage's folder
+MODEL_CARD = "README.md"  # inside a model folder: its Hugging Face model card
 
 # ------------------------------------------------------------------ evaluation
 EVALUATE = stage_dir("evaluate")
@@ -106,6 +107,7 @@ PREDICTIONS = f"{EVALUATE}/predictions.parquet"
 METRICS = f"{EVALUATE}/metrics.json"
 REPORT = f"{EVALUATE}/report.html"
 EVALUATED_SPLITS: tuple[str, ...] = ("test", "external_test")  # the sections evaluate scores
+EVALUATED_MODEL_CARDS = f"{EVALUATE}/model_cards"  # <model>/README.md: each model's card with the metrics
 
 # ------------------------------------------------------------------ registry (git-tracked, outside DVC outputs)
 REGISTRY = f"{DATA}/registry"
@@ -118,6 +120,7 @@ DECISIONS = f"{REGISTRY}/decisions"
 # ------------------------------------------------------------------ local state (git-ignored, outside DVC)
 STATE = ".cogalign"
 SETTINGS = f"{STATE}/settings.yaml"  # execution settings (cogalign_core.settings)
+CHECKPOINTS = f"{STATE}/checkpoints"  # <stage>/<key>/: training checkpoints (cogalign_core.train.checkpoints)
 
 # ------------------------------------------------------------------ code fingerprints
 CODE = "code"

@@ -447,7 +447,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
                         notes=_notes(counts, skipped, majority, ep.constant_answer, ep.bootstrap_resamples),
                         title=f"CogAlign evaluation (recipe {params.model.recipe})")
     # Model cards with this evaluation, under this stage's own output (the models belong to other stages).
-    write_evaluated_cards(out, metric_tree, {m: model_dir(ws, m) for m in ep.models})
+    write_evaluated_cards(ws, metric_tree, {m: model_dir(ws, m) for m in ep.models})
     n_in = len(prompts) + len(skipped)
     atomic_write_json(out / "summary.json", {
         "prompts_built": n_in, "prompts_evaluated": len(prompts), "prompts_skipped": len(skipped),

@@ -14,13 +14,16 @@ import pytest
 import yaml
 
 from cogalign.tasks.gpu import SIMULATED_ENV, GpuAllocator
+from cogalign_core.arms import ARM_METHODS
 from cogalign_core.config import PipelineParams
 from cogalign_core.train import launch
+from cogalign_core.train.recipe import Recipe, stage_recipe
 from tests.conftest import TINY, copy_stage_tables
 
 
-def _params(recipe: str = TINY) -> PipelineParams:
-    return PipelineParams.model_validate({"model": {"recipe": recipe}})
+def _recipe(stage: str = "sft", family: str = TINY) -> Recipe:
+    params = PipelineParams.model_validate({"model": {"recipe": family}})
+    return stage_recipe(family, ARM_METHODS[stage], params.model)
 
 
 def _parsed(argv: list[str]):  # type: ignore[no-untyped-def]
@@ -31,13 +34,14 @@ def _parsed(argv: list[str]):  # type: ignore[no-untyped-def]
 
 
 def test_one_device_or_none_runs_in_process_two_or_more_relaunch() -> None:
-    params = _params()
-    assert launch.relaunch_command("sft", params, {}) is None  # nothing allocated
-    assert launch.relaunch_command("sft", params, {SIMULATED_ENV: ""}) is None  # the CPU
-    assert launch.relaunch_command("sft", params, {SIMULATED_ENV: "3"}) is None  # one GPU: as before
-    assert launch.relaunch_command("masks", params, {SIMULATED_ENV: "0,1"}) is None  # not a training stage
-    assert launch.relaunch_command("sft", params, {SIMULATED_ENV: "0,1", "LOCAL_RANK": "0"}) is None  # launched
-    args = _parsed(launch.relaunch_command("rl", params, {"CUDA_VISIBLE_DEVICES": "2,3"}))  # a scheduler's
+    recipe = _recipe()
+    assert launch.relaunch_command("sft", recipe, {}) is None  # nothing allocated
+    assert launch.relaunch_command("sft", recipe, {SIMULATED_ENV: ""}) is None  # the CPU
+    assert launch.relaunch_command("sft", recipe, {SIMULATED_ENV: "3"}) is None  # one GPU: as before
+    assert launch.relaunch_command("base_model", recipe, {SIMULATED_ENV: "0,1"}) is None  # not a training stage
+    assert launch.relaunch_command("sft", recipe, {SIMULATED_ENV: "0,1", "LOCAL_RANK": "0"}) is None  # launched
+    assert not launch.started_as_stage_command()  # in-process callers (this test) never relaunch
+    args = _parsed(launch.relaunch_command("rl", _recipe("rl"), {"CUDA_VISIBLE_DEVICES": "2,3"}))  # a scheduler's
     assert args.num_processes == 2 and args.module and args.training_script == "cogalign_core.stage"
     assert args.training_script_args == ["rl"] and args.mixed_precision == "no"  # the tiny recipe is float32
     assert Path(args.config_file) == launch.accelerate_config_path("ddp") and Path(args.config_file).is_file()
@@ -45,7 +49,7 @@ def test_one_device_or_none_runs_in_process_two_or_more_relaunch() -> None:
 
 
 def test_the_recipe_names_config_and_precision() -> None:
-    args = _parsed(launch.relaunch_command("sft", _params("qwen3-vl-8b"), {SIMULATED_ENV: "0,1,2,3,4,5,6,7"}))
+    args = _parsed(launch.relaunch_command("sft", _recipe("sft", "qwen3-vl-8b"), {SIMULATED_ENV: "0,1,2,3,4,5,6,7"}))
     assert args.num_processes == 8 and args.mixed_precision == "bf16"
     assert Path(args.config_file).name == "zero2.yaml"
     assert yaml.safe_load(Path(args.config_file).read_text())["distributed_type"] == "DEEPSPEED"
@@ -70,7 +74,7 @@ def test_allocator_hands_a_two_gpu_stage_two_devices_and_the_stage_launches_on_t
         for devices in (first, second):
             env = {"CUDA_VISIBLE_DEVICES": devices, SIMULATED_ENV: devices}
             assert launch.allocated_devices(env) == devices.split(",")
-            assert _parsed(launch.relaunch_command("sft", _params(), env)).num_processes == 2
+            assert _parsed(launch.relaunch_command("sft", _recipe(), env)).num_processes == 2
 
 
 @pytest.mark.slow

@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogalign_core import contract
 from cogalign_core.io import atomic_write_json
 from cogalign_core.provenance import package_versions, path_digest
 from cogalign_core.train.launch import is_main_process, world_size
 from cogalign_core.train.recipe import TrainSpec
 from cogalign_core.train.trainlog import StepLog
 
-CHECKPOINTS_DIR = Path(".cogalign/checkpoints")  # inside the workspace's git-ignored state folder
+CHECKPOINTS_DIR = Path(contract.CHECKPOINTS)  # inside the workspace's git-ignored state folder
 KEY_FILE = "key.json"
 STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
@@ -55,14 +56,15 @@ def run_key(workspace: Path, stage: str, inputs: Iterable[str], params: dict[str
             missing one counts as missing).
         params: the stage's params and resolved recipe, JSON-serialisable.
     """
-    from cogalign_core.stage import code_fingerprint
+    from cogalign_core.fingerprint import code_fingerprint
 
     ws = Path(workspace)
+    code = ws / contract.fingerprint(stage)  # the fingerprint DVC saw; computed when run outside a workspace
     ingredients = {
         "stage": stage,
         "inputs": {rel: path_digest(ws / rel) if (ws / rel).exists() else None for rel in sorted(set(inputs))},
         "params": params,
-        "code": code_fingerprint(stage),
+        "code": json.loads(code.read_text()) if code.is_file() else code_fingerprint(stage),
         "packages": package_versions(),
         "processes": world_size(),
     }

@@ -31,7 +31,7 @@ from cogalign_core.rewards import REWARDS
 from cogalign_core.train import base_model, data, model_card, modeling, sft
 from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resume_point, training_dir
 from cogalign_core.train.feature_cache import cached_tower
-from cogalign_core.train.launch import is_main_process
+from cogalign_core.train.launch import is_main_process, relaunch_if_allocated
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
@@ -171,6 +171,7 @@ def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, 
 
 def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     recipe = stage_recipe(params.model.recipe, ARM_METHODS[stage], params.model)
+    relaunch_if_allocated(stage, recipe)  # several devices: one process each, under accelerate
     start = workspace / SFT_MODEL
     if not (start / "config.json").is_file():
         raise FileNotFoundError(f"{start} not found: run the sft stage first")

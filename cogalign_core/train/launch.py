@@ -1,6 +1,7 @@
 """Multi-process training: when a training stage re-executes itself under ``accelerate launch``.
 
-DVC runs one command per stage (``python -m cogalign_core.stage sft``). A training stage's process
+DVC runs one command per stage (``python -m cogalign_core.stage sft``). A training stage, first thing
+in that process (:func:`relaunch_if_allocated`; never when a stage function is called in-process),
 reads its device allocation — ``COGALIGN_GPU_DEVICES`` (set by the flow's GPU allocator, which may
 simulate devices), else ``CUDA_VISIBLE_DEVICES`` (e.g. a cluster scheduler's) — and, given two or
 more devices, replaces itself (same pid, same process group, so a killed run still ends it) with::
@@ -14,8 +15,6 @@ one process per allocated device, ``CUDA_VISIBLE_DEVICES`` = exactly the allocat
 the stage runs in this process, as before. Launched processes (``LOCAL_RANK`` set) never relaunch,
 and only process 0 writes the stage's outputs. Without CUDA the processes train on the CPU
 (``ACCELERATE_USE_CPU``, gloo backend): how the 2-process DDP path is tested.
-
-The decision imports neither torch nor accelerate; torch is imported only to relaunch.
 """
 
 from __future__ import annotations
@@ -23,11 +22,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cogalign_core.config import PipelineParams
+import yaml
+
+from cogalign_core.arms import ARM_METHODS
+from cogalign_core.train.recipe import Recipe, accelerate_config_text, recipes_root
 
 ALLOCATION_ENV = "COGALIGN_GPU_DEVICES"
 DEFAULT_ACCELERATE_CONFIG = "ddp"
@@ -39,7 +40,7 @@ def parse_devices(value: str) -> list[str]:
     return [d.strip() for d in value.split(",") if d.strip() and d.strip() != "-1"]
 
 
-def allocated_devices(environ: dict[str, str] | None = None) -> list[str] | None:
+def allocated_devices(environ: Mapping[str, str] | None = None) -> list[str] | None:
     """This process's device allocation from the environment, or None when nothing sets one."""
     env = os.environ if environ is None else environ
     for var in (ALLOCATION_ENV, "CUDA_VISIBLE_DEVICES"):
@@ -61,8 +62,6 @@ def is_main_process() -> bool:
 
 def accelerate_config_path(name: str) -> Path:
     """``recipes/accelerate/<name>.yaml`` of the installed package."""
-    from cogalign_core.train.recipe import accelerate_config_text, recipes_root
-
     accelerate_config_text(name)  # a clear error for an unknown name
     return Path(str(recipes_root() / "accelerate" / f"{name}.yaml"))
 
@@ -95,10 +94,6 @@ def accelerate_launch_command(config_file: str | os.PathLike[str], devices: str,
 def check_final_save_supported(config_name: str) -> None:
     """Refuse configs that shard parameters (FSDP, ZeRO-3): the stages save the final model from
     process 0's own copy, which holds every weight under DDP and ZeRO-2 only."""
-    import yaml
-
-    from cogalign_core.train.recipe import accelerate_config_text
-
     config = yaml.safe_load(accelerate_config_text(config_name)) or {}
     kind = config.get("distributed_type")
     stage3 = (config.get("deepspeed_config") or {}).get("zero_stage") == 3
@@ -108,38 +103,40 @@ def check_final_save_supported(config_name: str) -> None:
                          "process 0's full copy, so use ddp or zero2 (recipes/accelerate/)")
 
 
-def relaunch_command(stage: str, params: PipelineParams, environ: dict[str, str] | None = None
-                     ) -> list[str] | None:
-    """The ``accelerate launch`` argv for a training stage given 2+ devices, or None (run in-process)."""
-    from cogalign_core.train.recipe import ARM_METHODS, stage_recipe
-
+def relaunch_command(stage: str, recipe: Recipe, environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """The ``accelerate launch`` argv for a training stage given 2+ devices, or None (run in this process)."""
     env = os.environ if environ is None else environ
     if stage not in ARM_METHODS or "LOCAL_RANK" in env:
         return None
     devices = allocated_devices(env) or []
     if len(devices) < 2:
         return None
-    recipe = stage_recipe(params.model.recipe, ARM_METHODS[stage], params.model)
     config = recipe.accelerate_config or DEFAULT_ACCELERATE_CONFIG
     check_final_save_supported(config)
     return accelerate_launch_command(accelerate_config_path(config), ",".join(devices), STAGE_MODULE, stage,
                                      mixed_precision="bf16" if recipe.train.bf16 else "no", port=_free_port())
 
 
-def relaunch_if_allocated(stage: str, workspace: Path) -> None:
-    """Replace this process with ``accelerate launch`` when :func:`relaunch_command` says so; else return."""
-    from cogalign_core.config import load_params
+def started_as_stage_command() -> bool:
+    """True in a process started as ``python -m cogalign_core.stage`` (what DVC runs), not in a caller
+    that runs a stage function in-process (tests, ``cogalign_core.sample_workspace``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name == STAGE_MODULE
 
-    if "LOCAL_RANK" in os.environ or len(allocated_devices() or []) < 2:
-        return  # the common case decides without reading params
-    argv = relaunch_command(stage, load_params(workspace))
+
+def relaunch_if_allocated(stage: str, recipe: Recipe) -> None:
+    """Replace this stage command with ``accelerate launch`` when :func:`relaunch_command` says so; else return.
+
+    Called first thing by the training stages, so DVC's one command becomes one process per device.
+    """
+    argv = relaunch_command(stage, recipe) if started_as_stage_command() else None
     if argv is None:
         return
     devices = ",".join(allocated_devices() or [])
     print(f"{stage}: {len(parse_devices(devices))} processes on devices {devices}: {' '.join(argv[1:])}",
           file=sys.stderr, flush=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
-    import torch  # only now: the decision above must stay cheap for every other stage
+    import torch  # only now: deciding must stay cheap
 
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # the processes train on the CPU with gloo (Trainer reads this)

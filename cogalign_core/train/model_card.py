@@ -28,11 +28,10 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cogalign_core import contract
 from cogalign_core.io import atomic_dir, atomic_write_text
-from cogalign_core.provenance import PROVENANCE_FILE
 
-CARD_FILE = "README.md"
-EVALUATED_CARDS_DIR = "model_cards"  # under the evaluate stage's output folder
+CARD_FILE = contract.MODEL_CARD
 NOTICE = "Research use only, not a medical device."
 LICENSE_NAME = "research-use-only"
 EVALUATION_HEADING = "## Evaluation"
@@ -40,8 +39,8 @@ TASK_TYPE = "image-text-to-text"
 BASE_TAGS: tuple[str, ...] = ("cogalign", "endoscopy", "colonoscopy", "medical-imaging", "vision-language",
                               "research-only", "not-a-medical-device")
 NOT_EVALUATED = ("Not evaluated by the stage that trained it. The `evaluate` stage writes this card with its "
-                 "metrics to `data/evaluate/model_cards/{model}/README.md` (and `data/evaluate/metrics.json`, "
-                 "`report.html`).")
+                 f"metrics to `{contract.EVALUATED_MODEL_CARDS}/{{model}}/{CARD_FILE}` (and `{contract.METRICS}`, "
+                 f"`{contract.REPORT}`).")
 LIMITATIONS = """\
 - **{notice}** It must not be used to diagnose, triage or treat patients, nor in any clinical decision.
 - Trained only on the batches listed under *Data lineage*: performance on other hospitals, endoscopes and
@@ -222,7 +221,7 @@ def training_card(stage: str, recipe: Any, params: Any, out_dir: Path, rows: Seq
                   started_from: str) -> ModelCard:
     """The card of a trained arm, from the files the stage wrote into ``out_dir`` (summary, provenance, log)."""
     summary = json.loads((out_dir / "summary.json").read_text())
-    provenance = json.loads((out_dir / PROVENANCE_FILE).read_text())
+    provenance = json.loads((out_dir / contract.PROVENANCE).read_text())
     pretrained = recipe.model.kind == "pretrained"
     base = recipe.model.name_or_path if pretrained else started_from
     method = "GRPO" if recipe.grpo is not None else "SFT"
@@ -255,7 +254,7 @@ def write_training_cards(workspace: Path, stage: str, recipe: Any, params: Any, 
 
     splits = ["train", "val"] if recipe.method in SFT_METHODS else ["train"]
     rows = data.training_annotations(workspace, splits, params.model)
-    out = workspace / "data" / stage
+    out = workspace / contract.stage_dir(stage)
     card = training_card(stage, recipe, params, out, rows, started_from)
     return [write_card(out / name, card) for name in ("model", "adapter") if (out / name).is_dir()]
 
@@ -306,12 +305,13 @@ def evaluated_card(card: ModelCard, model_metrics: Mapping[str, Any]) -> ModelCa
     return out
 
 
-def write_evaluated_cards(eval_out: Path, metric_tree: Mapping[str, Any], model_dirs: Mapping[str, Path]) -> Path:
-    """``<eval_out>/model_cards/<model>/README.md`` for every evaluated model, as one atomic folder.
+def write_evaluated_cards(workspace: Path, metric_tree: Mapping[str, Any], model_dirs: Mapping[str, Path]) -> Path:
+    """``data/evaluate/model_cards/<model>/README.md`` for every evaluated model, as one atomic folder.
 
     A model folder without a card (an external pretrained base model) gets a minimal one.
     """
-    with atomic_dir(eval_out / EVALUATED_CARDS_DIR) as tmp:
+    folder_out = workspace / contract.EVALUATED_MODEL_CARDS
+    with atomic_dir(folder_out) as tmp:
         for name, folder in model_dirs.items():
             source = folder / CARD_FILE
             card = (ModelCard.load(source, ignore_metadata_errors=True) if source.is_file() else build_card(
@@ -320,4 +320,4 @@ def write_evaluated_cards(eval_out: Path, metric_tree: Mapping[str, Any], model_
                 recipe_and_params="Unknown.", curve="Unknown.", evaluation=""))
             (tmp / name).mkdir()
             write_card(tmp / name, evaluated_card(card, metric_tree.get(name, {})))
-    return eval_out / EVALUATED_CARDS_DIR
+    return folder_out

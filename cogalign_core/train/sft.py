@@ -33,7 +33,7 @@ from cogalign_core.provenance import write_provenance
 from cogalign_core.train import base_model, data, infer, model_card, modeling
 from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resume_point, training_dir
 from cogalign_core.train.feature_cache import cached_tower
-from cogalign_core.train.launch import is_main_process
+from cogalign_core.train.launch import is_main_process, relaunch_if_allocated
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import StepLog, write_log_csv
 
@@ -166,6 +166,7 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     method = ARM_METHODS[stage]
     recipe = stage_recipe(params.model.recipe, method, params.model)
     assert recipe.sft is not None
+    relaunch_if_allocated(stage, recipe)  # several devices: one process each, under accelerate
     base_dir = base_model.resolve_base_model_dir(workspace)
     out = workspace / contract.stage_dir(stage)
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), data.split_table(data.ANNOTATE_DIR, "val"),
