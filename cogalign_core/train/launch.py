@@ -136,7 +136,7 @@ def relaunch_if_allocated(stage: str, recipe: Recipe) -> None:
     print(f"{stage}: {len(parse_devices(devices))} processes on devices {devices}: {' '.join(argv[1:])}",
           file=sys.stderr, flush=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
-    import torch  # only now: deciding must stay cheap
+    import torch  # lazily: the flow process imports this module (tasks/gpu.py) and must not load torch
 
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # the processes train on the CPU with gloo (Trainer reads this)
