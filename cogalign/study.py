@@ -53,13 +53,14 @@ def experiment_name(study: str, condition: str, seed: int) -> str:
     return f"{study}-{condition}-s{seed}"
 
 
-def _queue(ws: Workspace, study: str, conds: Sequence[Condition], seeds: Sequence[int]) -> list[str]:
+def _queue(ws: Workspace, study: str, conds: Sequence[Condition], seeds: Sequence[int],
+           overrides: Sequence[str] = ()) -> list[str]:
     names = []
     for cond in conds:
         for seed in seeds:
             name = experiment_name(study, cond.name, seed)
             args = ["exp", "run", "--queue", "-n", name]
-            for o in cond.overrides(seed):
+            for o in [*overrides, *cond.overrides(seed)]:
                 args += ["-S", o]
             ws.dvc(*args)
             names.append(name)
@@ -89,8 +90,12 @@ def _read_rows(ws: Workspace, rev: str) -> list[dict[str, Any]]:
 
 
 def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_sources: Sequence[str] = (),
-              jobs: int = 1, n_resamples: int = 1000) -> Path:
-    """Run the study and return the folder holding ``study.json`` and ``study.md``."""
+              jobs: int = 1, n_resamples: int = 1000, overrides: Sequence[str] = ()) -> Path:
+    """Run the study and return the folder holding ``study.json`` and ``study.md``.
+
+    ``overrides`` (``key.path=value``, DVC ``-S`` syntax) apply to every experiment and are recorded
+    in the table (e.g. ``model.rl_max_steps=200``); seeds and held-out sources are set per experiment.
+    """
     from cogalign.runner import run_pipeline
 
     if seeds < 1:
@@ -103,7 +108,10 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     arms = list(params.evaluate.models)
     conds = conditions(cross_sources)
     seed_list = list(range(seeds))
-    names = _queue(ws, study, conds, seed_list)
+    for o in overrides:
+        if "=" not in o or o.split("=", 1)[0].strip() in ("model.seed", "model.train_exclude_datasets"):
+            raise WorkspaceError(f"study override {o!r}: expected key.path=value, not the seed or held-out sources")
+    names = _queue(ws, study, conds, seed_list, overrides)
     ws.dvc("exp", "run", "--run-all", "--jobs", str(jobs))
     revs = _experiment_revs(ws, names)
     missing = [n for n in names if n not in revs]
@@ -112,7 +120,7 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     rows = {c.name: {s: _read_rows(ws, revs[experiment_name(study, c.name, s)]) for s in seed_list} for c in conds}
     table = study_table(rows, {c.name: c.held_out for c in conds}, arms, n_resamples=n_resamples,
                         seed=params.evaluate.seed)
-    table.update({"study": study, "recipe": params.model.recipe, "experiments": revs,
+    table.update({"study": study, "recipe": params.model.recipe, "overrides": list(overrides), "experiments": revs,
                   "wall_seconds": round(time.perf_counter() - start, 1)})
     out = ws.root / STUDIES_DIR / study
     atomic_write_json(out / "study.json", table)
