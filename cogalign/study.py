@@ -1,7 +1,8 @@
 """``cogalign study``: every arm trained for N seeds as recorded DVC experiments, then one table.
 
-1. ``cogalign run`` brings the workspace up to date and commits it (the data stages are then cached,
-   so experiments only retrain and re-evaluate).
+1. ``cogalign run --until counterfactual`` brings the data stages up to date and commits them (they
+   are then cached, so experiments only train and evaluate; every model of the study is trained
+   inside an experiment, none in the workspace itself).
 2. Per condition and seed, ``dvc exp run --queue -n <study>-<condition>-s<seed> -S model.seed=<seed>``
    (the cross-source condition adds ``-S model.train_exclude_datasets=[...]``); then
    ``dvc exp run --run-all`` executes the queue in temporary workspaces. Every seed is an experiment
@@ -23,6 +24,7 @@ from typing import Any
 
 from cogalign.workspace import Workspace, WorkspaceError
 from cogalign_core import contract
+from cogalign_core.counterfactual import STAGE as COUNTERFACTUAL_STAGE
 from cogalign_core.evaluate import scored_rows
 from cogalign_core.io import atomic_write_json, atomic_write_text
 from cogalign_core.study import render_markdown, study_table
@@ -103,7 +105,7 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     ws = Workspace.open(workspace)
     study = name or time.strftime("study-%Y%m%d-%H%M%S")
     start = time.perf_counter()
-    run_pipeline(ws.root)  # the baseline every experiment starts from, committed
+    run_pipeline(ws.root, until=COUNTERFACTUAL_STAGE)  # the data every experiment starts from, committed
     params = ws.params
     arms = list(params.evaluate.models)
     conds = conditions(cross_sources)
