@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     arms = list(params.evaluate.models)
     conds = conditions(cross_sources)
     seed_list = list(range(seeds))
+    if shutil.which("dvc", path=ws.env()["PATH"]) is None:
+        # DVC's queue spawns its workers as a `dvc` command; without one they never start and the queue hangs.
+        raise WorkspaceError("no `dvc` executable on PATH (the experiment queue's workers run it): install dvc "
+                             "into this environment's bin directory")
     for o in overrides:
         if "=" not in o or o.split("=", 1)[0].strip() in ("model.seed", "model.train_exclude_datasets"):
             raise WorkspaceError(f"study override {o!r}: expected key.path=value, not the seed or held-out sources")
