@@ -8,8 +8,9 @@
    ``dvc exp run --run-all`` executes the queue in temporary workspaces. Every seed is an experiment
    ref in the workspace's git repository (``dvc exp show``), its outputs in the DVC cache.
 3. Each experiment's ``predictions.parquet`` is read back through ``dvc.api`` and pooled by
-   :func:`cogalign_core.study.study_table`; ``studies/<name>/study.json`` and ``study.md`` are
-   committed.
+   :func:`cogalign_core.study.study_table`; every arm's model of every experiment is reloaded from
+   the DVC cache with the stock ``AutoModelForImageTextToText`` / ``AutoProcessor`` (recorded as
+   ``reloaded``); ``studies/<name>/study.json`` and ``study.md`` are committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,6 +94,23 @@ def _read_rows(ws: Workspace, rev: str) -> list[dict[str, Any]]:
     return scored_rows(table.to_pylist())
 
 
+def reload_model(ws: Workspace, rev: str, arm: str) -> str:
+    """Reload ``data/<arm>/model`` of experiment ``rev`` from the DVC cache with the stock Auto classes.
+
+    Returns ``"<model class>/<processor class>"``; raises when the folder does not load.
+    """
+    from dvc.api import DVCFileSystem
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    fs = DVCFileSystem(str(ws.root), rev=rev)
+    with tempfile.TemporaryDirectory(prefix="cogalign-study-") as tmp:
+        fs.get(f"data/{arm}/model", str(Path(tmp) / "model"), recursive=True)
+        folder = next(Path(tmp).rglob("config.json")).parent
+        model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        return f"{type(model).__name__}/{type(processor).__name__}"
+
+
 def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_sources: Sequence[str] = (),
               jobs: int = 1, n_resamples: int = 1000, overrides: Sequence[str] = ()) -> Path:
     """Run the study and return the folder holding ``study.json`` and ``study.md``.
@@ -127,7 +146,10 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     rows = {c.name: {s: _read_rows(ws, revs[experiment_name(study, c.name, s)]) for s in seed_list} for c in conds}
     table = study_table(rows, {c.name: c.held_out for c in conds}, arms, n_resamples=n_resamples,
                         seed=params.evaluate.seed)
+    # Every arm's model of every experiment must reload from the cache with the stock Auto classes.
+    reloaded = {n: {arm: reload_model(ws, rev, arm) for arm in arms} for n, rev in sorted(revs.items())}
     table.update({"study": study, "recipe": params.model.recipe, "overrides": list(overrides), "experiments": revs,
+                  "reloaded": reloaded,
                   "wall_seconds": round(time.perf_counter() - start, 1)})
     out = ws.root / STUDIES_DIR / study
     atomic_write_json(out / "study.json", table)

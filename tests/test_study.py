@@ -33,6 +33,10 @@ def test_study_two_seeds_every_arm_and_a_cross_source_condition(full_workspace: 
     # Every (condition, seed) is a recorded experiment with its own commit.
     assert set(table["experiments"]) == {f"t-{c}-s{s}" for c in ("standard", "cross-kvasir-seg") for s in (0, 1)}
     assert len(set(table["experiments"].values())) == 4
+    # Every arm of every experiment reloads from the DVC cache with the stock Auto classes.
+    assert set(table["reloaded"]) == set(table["experiments"])
+    assert all(list(r) == ARMS and all("ForConditionalGeneration/" in v for v in r.values())
+               for r in table["reloaded"].values())
     assert set(table["conditions"]) == {"standard", "cross-kvasir-seg"}
     assert table["conditions"]["cross-kvasir-seg"]["held_out"] == ["kvasir-seg"]
     assert table["conditions"]["standard"]["held_out"] == []
