@@ -137,7 +137,9 @@ def test_retrain_on_new_real_images_makes_a_different_challenger_and_says_why(fu
     root = copy_workspace(full_workspace, tmp_path / "ws")
     ws = Workspace.open(root)
     first, _ = decide_and_record(ws)  # today's rl model is the champion
-    out = retrain_once(root, _drop_folder(tmp_path / "drop", n=12, corrupt=False))
+    # The folder name says the source (kvasir-seg: polyps with masks); an unknown source would be rejected
+    # as unlabelled at annotate and retrain nothing.
+    out = retrain_once(root, _drop_folder(tmp_path / "kvasir-seg-new", n=12, corrupt=False))
     assert out.batch == "b0002" and out.new_batch_ingest and out.new_batch_ingest["ingested"] == 12
     assert {"base_model", "sft", "rl", "evaluate"} <= set(out.ran_stages)
     d = out.decision
