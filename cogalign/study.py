@@ -95,7 +95,8 @@ def _read_rows(ws: Workspace, rev: str) -> list[dict[str, Any]]:
 
 
 def reload_model(ws: Workspace, rev: str, arm: str) -> str:
-    """Reload ``data/<arm>/model`` of experiment ``rev`` from the DVC cache with the stock Auto classes.
+    """Reload ``arm``'s model folder (``contract.model_dir``) of experiment ``rev`` from the DVC cache with the
+    stock Auto classes.
 
     Returns ``"<model class>/<processor class>"``; raises when the folder does not load.
     """
@@ -104,7 +105,7 @@ def reload_model(ws: Workspace, rev: str, arm: str) -> str:
 
     fs = DVCFileSystem(str(ws.root), rev=rev)
     with tempfile.TemporaryDirectory(prefix="cogalign-study-") as tmp:
-        fs.get(f"data/{arm}/model", str(Path(tmp) / "model"), recursive=True)
+        fs.get(contract.model_dir(arm), str(Path(tmp) / "model"), recursive=True)
         folder = next(Path(tmp).rglob("config.json")).parent
         model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
