@@ -1,4 +1,4 @@
-"""`cogalign study` on the tiny workspace: 2 seeds x (standard + one cross-source condition) as queued DVC
+"""`cogalign study` on the tiny workspace: 2 seeds x (standard + one cross-source condition) as DVC
 experiments, read back and pooled into one table. Structure only, never values (the tiny model is blind).
 
 Training is shortened through the study's own overrides (`--set`), so the four experiments stay cheap.
@@ -22,14 +22,17 @@ SHORT = ["model.sft_max_steps=2", "model.rl_max_steps=1", "evaluate.max_samples_
 
 
 def test_study_two_seeds_every_arm_and_a_cross_source_condition(full_workspace: Path, tmp_path: Path) -> None:
-    from cogalign.study import run_study
+    from cogalign.study import conditions, planned, run_study
 
     root = copy_workspace(full_workspace, tmp_path / "ws")
-    out = run_study(root, seeds=2, name="t", cross_sources=["kvasir-seg"], jobs=2, n_resamples=20,
-                    overrides=SHORT)
+    # An interrupted study: its first experiment already ran. The study resumes and reuses it.
+    _, _, first, first_overrides = planned("t", conditions(["kvasir-seg"]), [0, 1], SHORT)[0]
+    Workspace.open(root).dvc("exp", "run", "--temp", "-n", first, *[a for o in first_overrides for a in ("-S", o)])
+    out = run_study(root, seeds=2, name="t", cross_sources=["kvasir-seg"], n_resamples=20, overrides=SHORT)
     assert out == root / "studies" / "t"
     table = json.loads((out / "study.json").read_text())
-    assert table["overrides"] == SHORT and table["wall_seconds"] > 0
+    assert table["overrides"] == SHORT and table["wall_seconds"] > 0 and table["reused_experiments"] == [first]
+    assert set(table["experiment_seconds"]) == set(table["experiments"]) - {first}
     # Every (condition, seed) is a recorded experiment with its own commit.
     assert set(table["experiments"]) == {f"t-{c}-s{s}" for c in ("standard", "cross-kvasir-seg") for s in (0, 1)}
     assert len(set(table["experiments"].values())) == 4
@@ -64,5 +67,6 @@ def test_study_two_seeds_every_arm_and_a_cross_source_condition(full_workspace: 
     rows = [line.split(" |")[0].removeprefix("| ") for line in md.splitlines()
             if line.startswith("| ") and not line.startswith("| ---")]
     assert rows[:5] == ["arm", *ARMS]  # the arms in evaluate.models order
-    # The study is committed in the workspace.
+    # The study is committed in the workspace; its progress table was written along the way.
     assert ws.git("status", "--porcelain", "--", "studies").stdout == ""
+    assert "4 of 4 experiments" in (root / ".cogalign" / "studies" / "t" / "study.md").read_text()
