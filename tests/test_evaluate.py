@@ -118,7 +118,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _params() -> PipelineParams:
     return PipelineParams(model={"recipe": "tiny"},
                           evaluate=EvaluateParams(max_samples_per_condition=3, bootstrap_resamples=50,
-                                                  max_new_tokens=24, batch_size=8, gallery_size=2))
+                                                  max_new_tokens=24, gallery_size=2))
 
 
 @pytest.mark.slow
