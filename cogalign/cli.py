@@ -339,8 +339,13 @@ def study(workspace: WorkspaceOpt = Path("."),
           cross_source: Annotated[list[str] | None, typer.Option(
               "--cross-source", help="Add a condition with this source dataset held out of training (e.g. "
               "kvasir-seg); its test rows are the cross-source result. Repeatable.")] = None,
-          jobs: Annotated[int, typer.Option(help="Experiments run at a time.")] = 1) -> None:
-    """Train every arm for N seeds as recorded DVC experiments and write one table (studies/<name>/)."""
+          set_: Annotated[list[str] | None, typer.Option(
+              "--set", "-S", help="Parameter override for every experiment, key.path=value (e.g. "
+              "model.rl_max_steps=200); recorded in the table.")] = None) -> None:
+    """Train every arm for N seeds as recorded DVC experiments and write one table (studies/<name>/).
+
+    Experiments run one after another; the same command with the same --name resumes an interrupted study.
+    """
     from cogalign.processes import StageFailed
     from cogalign.runner import prepare_prefect_env
     from cogalign.study import run_study
@@ -348,7 +353,8 @@ def study(workspace: WorkspaceOpt = Path("."),
 
     try:
         prepare_prefect_env(Workspace.open(workspace))
-        out = run_study(workspace, seeds, name, cross_source or [], jobs)
+        _parse_overrides(set_)  # the same key=value check as `cogalign run -S`
+        out = run_study(workspace, seeds, name, cross_source or [], overrides=set_ or [])
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     console.print((out / "study.md").read_text())

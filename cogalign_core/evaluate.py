@@ -6,7 +6,9 @@ Conditions per test section (``test``; ``external_test`` is its own section):
 - ``counterfactual_normal`` / ``control`` / ``both``: the derived images of the chosen real lesion
   images (gold = the counterfactual table's levels), so every derived image has its real parent;
 - ``blank``: a uniform grey image under each chosen real image's question (no gold);
-- ``shuffled``: another chosen real image of the same section under this image's question (no gold).
+- ``shuffled``: another chosen real image of the same section under this image's question (no gold);
+  the pairing is a seeded derangement over both classes, so a model that sees the class but nothing
+  else agrees at about the class-match rate, a blind one always.
 
 Every image goes through the model's square canvas (:mod:`cogalign_core.canvas`); decoding is
 greedy, batched, capped at ``evaluate.max_new_tokens``. Completions are parsed and scored by
@@ -162,10 +164,13 @@ def build_prompts(annotations: Sequence[Mapping[str, Any]], counterfactuals: Seq
         for r in chosen:
             prompts.append(Prompt(section, metrics.BLANK, r["sample_id"], BLANK_ID, r["group_key"], r["dataset"],
                                   None, {}))
-        # Shuffled probe: a derangement of the chosen real images (each gets its successor's picture).
-        if len(chosen) >= 2:
-            for i, r in enumerate(chosen):
-                other = chosen[(i + 1) % len(chosen)]
+        # Shuffled probe: a derangement of the chosen real images (each gets its successor's picture) in a
+        # seeded order over both classes, so the picture shown is another class at about the class-mix rate
+        # (successors in the lesions-then-normals order were almost always the same class).
+        ring = sorted(chosen, key=lambda r: _order_key(seed + 1, r["sample_id"]))
+        if len(ring) >= 2:
+            for i, r in enumerate(ring):
+                other = ring[(i + 1) % len(ring)]
                 prompts.append(Prompt(section, metrics.SHUFFLED, r["sample_id"], other["sample_id"], r["group_key"],
                                       r["dataset"], other["image_path"], {}))
         c[metrics.BLANK] = {"chosen": len(chosen)}

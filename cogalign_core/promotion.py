@@ -110,5 +110,8 @@ def decide(champion: MetricSet | None, challenger: MetricSet, params: PromotionP
 
     promote = not reasons
     if promote:
-        reasons = [f"{primary} improved by at least {params.margin:.4f} and no guarded metric dropped beyond tolerance"]
+        gain = checks[0].delta or 0.0
+        reasons = [f"{primary} improved by {gain:+.4f} ({cp_primary:.4f} -> {ch_primary:.4f}; promotion needs "
+                   f"{'+' if params.margin else '>'}{params.margin:.4f}) and no guarded metric dropped beyond "
+                   "tolerance"]
     return Decision(promote, reasons, checks)

@@ -118,7 +118,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _params() -> PipelineParams:
     return PipelineParams(model={"recipe": "tiny"},
                           evaluate=EvaluateParams(max_samples_per_condition=3, bootstrap_resamples=50,
-                                                  max_new_tokens=24, batch_size=8, gallery_size=2))
+                                                  max_new_tokens=24, gallery_size=2))
 
 
 @pytest.mark.slow
@@ -218,3 +218,21 @@ def test_prompts_pair_derived_images_with_chosen_parents_only():
     shuffled = [p for p in prompts if p.condition == metrics.SHUFFLED]
     assert len(shuffled) == 2 and all(p.sample_id != p.parent_sample_id for p in shuffled)
     assert build_prompts(ann, cf, cap=2, seed=0, spec=CanvasSpec()) == (prompts, counts)
+
+
+def test_shuffled_probe_mixes_classes_at_about_the_class_rate():
+    from cogalign_core.canvas import CanvasSpec
+    from cogalign_core.evaluate import build_prompts
+
+    ann = [_row(f"l{i:02d}", "kvasir-seg", "test", f"g{i}", f"l{i}.png", None, 100, 100, [],
+               {**POLYP, "morphology": "single small lesion"})
+           for i in range(30)]
+    ann += [_row(f"n{i:02d}", "kvasir-v2", "test", f"h{i}", f"n{i}.png", None, 100, 100, [], CECUM)
+            for i in range(30)]
+    prompts, _ = build_prompts(ann, [], cap=None, seed=0, spec=CanvasSpec())
+    shuffled = [p for p in prompts if p.condition == metrics.SHUFFLED]
+    assert len(shuffled) == 60 and all(p.sample_id != p.parent_sample_id for p in shuffled)
+    assert sorted(p.sample_id for p in shuffled) == sorted(a["sample_id"] for a in ann)  # a derangement
+    # Half the images are of each class: about half the pairs show the other class (not 2 of 60).
+    cross = sum(p.sample_id[0] != p.parent_sample_id[0] for p in shuffled)
+    assert 15 <= cross <= 45

@@ -179,3 +179,32 @@ def test_external_test_batch_retrains_nothing(full_workspace: Path, tmp_path: Pa
     assert sum(a["split"] == "external_test" for a in ann) == 4
     stale = json.loads(ws.dvc("status", "--json", "base_model", "sft", "rl_no_cf", "rl").stdout)
     assert stale == {}
+
+
+def test_evaluate_test_source_scores_every_image_of_an_unseen_folder(full_workspace: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cogalign.cli import app
+    from tests.conftest import SAMPLE
+
+    ws = Workspace.open(copy_workspace(full_workspace, tmp_path / "ws"))
+    unseen = tmp_path / "other-hospital" / "normal-cecum"  # a classes layout: the folder names the label
+    unseen.mkdir(parents=True)
+    normals = sorted((SAMPLE / "kvasir-v2-normal-cecum" / "normal-cecum").glob("*.jpg"))
+    assert len(normals) > 20  # more than the old per-condition cap of 20
+    for img in normals:
+        with Image.open(img) as im:  # mirrored: new pixels the workspace has never seen
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(unseen / img.name, quality=92)
+    result = CliRunner().invoke(app, ["evaluate", "--workspace", str(ws.root), "--test-source", str(unseen.parent)])
+    assert result.exit_code == 0, result.output
+    assert "retrained" not in result.output
+    ext = [a for a in tables.read_rows(ws.root / "data/annotate/annotations.parquet") if a["split"] == "external_test"]
+    assert len(ext) > 20  # every unique image of the folder (near-duplicates collapse at ingest)
+    preds = tables.read_rows(ws.root / "data/evaluate/predictions.parquet")
+    for arm in ws.params.evaluate.models:
+        scored = {p["sample_id"] for p in preds if p["model"] == arm and p["section"] == "external_test"
+                  and p["condition"] == "normal"}
+        assert scored == {a["sample_id"] for a in ext}, arm
+    spec = json.loads((ws.root / "data/evaluate/metrics.json").read_text())["rl"]["external_test"]["all"]
+    assert spec["real_normal_specificity"]["n"] == len(ext)

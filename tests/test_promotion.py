@@ -28,7 +28,7 @@ def _challenger(**changes: float | None) -> dict[str, dict[str, object]]:
 
 
 @pytest.mark.parametrize(("case", "challenger", "promote", "reason_part"), [
-    ("clearly better", _challenger(accuracy_diagnosis=0.70), True, "improved"),
+    ("clearly better", _challenger(accuracy_diagnosis=0.70), True, "improved by +0.1000 (0.6000 -> 0.7000"),
     ("better by exactly the margin", _challenger(accuracy_diagnosis=0.62), True, "improved"),
     ("better but inside the margin", _challenger(accuracy_diagnosis=0.61), False, "needs at least"),
     ("equal", _challenger(), False, "needs at least"),

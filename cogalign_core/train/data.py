@@ -174,6 +174,36 @@ def balance_normals(examples: Sequence[dict[str, Any]], normal_fraction: float, 
     return [picked[i] for i in order]
 
 
+REAL_KINDS: frozenset[str] = frozenset({"real_lesion", "real_normal"})
+
+
+def balance_groups(real: Sequence[dict[str, Any]], derived: Sequence[dict[str, Any]], normal_fraction: float,
+                   seed: int, max_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Balance real and derived (counterfactual normal / both / control) examples *separately*, then mix.
+
+    Why separately: pooled, the counterfactual normals (two per lesion parent: lesion removed, and
+    lesion removed plus control fill) outnumber the few real normals and the controls, so a model
+    meets "inpainted region -> normal, untouched frame -> lesion" and "real normals are rare" as
+    shortcuts (measured: pooled sft_cf called every real normal a polyp). Balanced per group, each
+    group is about ``normal_fraction`` normal, so neither the presence of a fill nor the source of
+    the normals predicts the label; only the lesion does. Without ``max_prompts`` every example is
+    kept (the smaller class of each group cycles); with it, each group gets a share proportional to
+    its balanced size. Output interleaved in a seeded hash order (deterministic).
+    """
+    groups = [g for g in (list(real), list(derived)) if g]
+    if len(groups) < 2:
+        return balance_normals(groups[0], normal_fraction, seed, max_prompts) if groups else []
+    full = [balance_normals(g, normal_fraction, seed) for g in groups]
+    if max_prompts is not None and sum(map(len, full)) > max_prompts:
+        total = sum(map(len, full))
+        shares = [max(1, round(max_prompts * len(f) / total)) for f in full]
+        shares[-1] = max(1, max_prompts - sum(shares[:-1])) if len(shares) > 1 else max_prompts
+        full = [balance_normals(g, normal_fraction, seed, share) for g, share in zip(groups, shares, strict=True)]
+    picked = [e for f in full for e in f]
+    order = sorted(range(len(picked)), key=lambda i: (_rank(picked[i], seed + 2), i))
+    return [picked[i] for i in order]
+
+
 def prompt_and_completion(example: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Conversational prompt (system + user; TRL inserts the image before the user text) and completion."""
     prompt = [

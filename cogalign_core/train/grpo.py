@@ -3,7 +3,9 @@
 ``rl`` trains on the train split's real lesions, real normals, counterfactual normals and controls
 (``counterfactuals.parquet`` rows with ``excluded`` false); ``rl_no_cf`` on the real images only,
 the ablation that credits any gain to the counterfactual images. Prompts are resampled so about
-``normal_fraction`` of them are labelled normal: a constant answer cannot earn most of the reward.
+``normal_fraction`` of them are labelled normal, real and derived images each on their own
+(:func:`data.balance_groups`): a constant answer cannot earn most of the reward, and neither can
+"inpainted -> normal".
 
 Rewards (:mod:`cogalign_core.rewards`) and their weights, group size, KL beta, temperature and
 lengths come from the recipe. Outputs in ``data/rl[_no_cf]/``: ``model/`` (merged, reloadable),
@@ -101,18 +103,19 @@ def grpo_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
     assert g is not None
     spec = base_model.canvas_spec(recipe)
     annotations = data.training_annotations(workspace, ["train"], model_params)
-    pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
-    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool),
+    real = data.real_examples(annotations, ["train"], spec, recipe.grounding)
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(real),
                               "excluded_datasets": list(model_params.train_exclude_datasets)}
+    cf: list[dict[str, Any]] = []
     if g.use_counterfactuals:
         cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         counts.update({"counterfactual_rows": len(cf_rows), "counterfactual_train": len(cf),
                        "counterfactual_skipped": dict(sorted(skipped.items()))})
-        pool += cf
+    pool = real + cf
     if not pool:
         raise data.DataError("no train examples for GRPO")
-    balanced = data.balance_normals(pool, g.normal_fraction, recipe.train.seed, g.max_prompts)
+    balanced = data.balance_groups(real, cf, g.normal_fraction, recipe.train.seed, g.max_prompts)
     counts.update({"pool_by_kind": data.kind_counts(pool), "prompts": len(balanced),
                    "prompts_by_kind": data.kind_counts(balanced)})
     return balanced, counts

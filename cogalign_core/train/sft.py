@@ -7,7 +7,8 @@ the reasoning steps, the canvas image, the question -> the tagged answer), compl
 - ``sft_cf``: the same plus the train split's counterfactual normals and matched controls, labelled
   as the RL stage labels them — plain supervision on the images counterfactual RL sees.
 
-With ``sft.normal_fraction`` the examples are resampled so about that share is labelled normal.
+With ``sft.normal_fraction`` the examples are resampled so about that share is labelled normal, real
+and derived images each on their own (:func:`data.balance_groups`).
 Validation loss on (a fixed subset of) the val split's real images. Sources in
 ``params.model.train_exclude_datasets`` are left out of both.
 
@@ -100,18 +101,19 @@ def sft_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
     assert recipe.sft is not None
     spec = base_model.canvas_spec(recipe)
     annotations = data.training_annotations(workspace, ["train", "val"], model_params)
-    pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
-    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool),
+    real = data.real_examples(annotations, ["train"], spec, recipe.grounding)
+    counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(real),
                               "excluded_datasets": list(model_params.train_exclude_datasets)}
+    cf: list[dict[str, Any]] = []
     if recipe.sft.include_counterfactuals:
         cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
-        pool += cf
         counts["counterfactual_train"] = len(cf)
         counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
+    pool = real + cf
     if not pool:
         raise data.DataError("no train examples for SFT (is the train split empty?)")
-    train = (data.balance_normals(pool, recipe.sft.normal_fraction, recipe.train.seed)
+    train = (data.balance_groups(real, cf, recipe.sft.normal_fraction, recipe.train.seed)
              if recipe.sft.normal_fraction else pool)
     val_all = data.real_examples(annotations, ["val"], spec, recipe.grounding)
     val = val_all[:recipe.sft.max_eval_samples]
