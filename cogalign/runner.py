@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
-from cogalign_core import contract
+from cogalign_core import accounting, contract
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
 LOCK_FILE = STATE_DIR / "run.lock"
@@ -29,6 +29,7 @@ class RunOutcome:
     stages: list[dict[str, object]] = field(default_factory=list)
     seconds: float = 0.0
     cleaned: list[str] = field(default_factory=list)
+    report: accounting.RunReport = field(default_factory=accounting.RunReport)
 
 
 @contextlib.contextmanager
@@ -105,7 +106,8 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
             apply_overrides(ws, overrides)
         ws.update_fingerprints()
         if not (force or from_stage) and is_up_to_date(ws, until):
-            return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned)
+            return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned,
+                              report=stage_report(ws, list(ws.lock_stages())))
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
 
@@ -119,13 +121,21 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
 
             dvc_push(ws)
         outcome = RunOutcome(False, run_id, revision or ws.revision(), list(result["stages"]),
-                             time.perf_counter() - start, cleaned)
+                             time.perf_counter() - start, cleaned,
+                             stage_report(ws, [str(s["stage"]) for s in result["stages"]]))
         atomic_write_json(ws.root / RUNS_DIR / f"{run_id}.json", {
             "flow_run_id": run_id, "revision": outcome.revision, "committed": revision is not None,
             "finished_unix": time.time(), "seconds": round(outcome.seconds, 2), "stages": outcome.stages,
             "until": until, "from_stage": from_stage, "force": force,
         })
         return outcome
+
+
+def stage_report(ws: Workspace, stages: list[str]) -> accounting.RunReport:
+    """Per-stage in/out/dropped lines and the warnings (empty batches, large drops) for ``stages``."""
+    from cogalign_core.settings import load_settings
+
+    return accounting.run_report(ws.root, stages, ws.params.batches, load_settings(ws.root).drop_warning_fraction)
 
 
 def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:

@@ -187,7 +187,8 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
 
 
 def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto", role: str = "train",
-             dataset: str | None = None, message: str | None = None) -> str:
+             dataset: str | None = None, message: str | None = None,
+             labels: dict[str, str | None] | None = None) -> str:
     """Add ``source`` as a new raw batch: copy, ``dvc add`` (never pushed), append to params, commit."""
     src = Path(source).resolve()
     if not src.is_dir():
@@ -197,7 +198,7 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
     raw_root = ws.root / contract.RAW
     batch_id = raw_batch.next_batch_id(raw_root)
     try:
-        raw_batch.register_batch(src, raw_root, batch_id, layout=layout, role=role, dataset=dataset)
+        raw_batch.register_batch(src, raw_root, batch_id, layout=layout, role=role, dataset=dataset, labels=labels)
     except ValueError as exc:
         shutil.rmtree(raw_root / batch_id, ignore_errors=True)
         raise WorkspaceError(str(exc)) from exc

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, contract, metrics, report, tables, taxonomy
+from cogalign_core import accounting, answer_format, contract, metrics, report, tables, taxonomy
 from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canvas
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
@@ -450,6 +450,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "skipped": skipped, "models": list(ep.models), "predictions": len(rows),
         "format_valid": {m: sum(1 for r in rows if r["model"] == m and r["format_valid"]) for m in ep.models},
         "conditions": counts, "majority_answer": majority, "plots": plot_files,
+        accounting.KEY: accounting.block("prompts", n_in, len(prompts), {"image_unreadable": len(skipped)}),
     })
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([COUNTERFACTUALS_PATH.as_posix()] if counterfactuals else [])
     # A real base model lives outside the workspace: its identity (name, revision, hash) is in base_model.json.

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cogalign_core import contract, tables
+from cogalign_core import accounting, contract, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import default_workers, map_items
 from cogalign_core.ingest_decode import DecodeSettings, process_item
@@ -109,6 +109,7 @@ def _collect(batch: dict[str, Any], plan: BatchPlan, results: list[dict[str, Any
             "mask_binarise_threshold": res["mask_binarise_threshold"],
             "mask_area_fraction": res["mask_area_fraction"], "boxes": res["boxes"],
             "kvasir_sessile": task.kvasir_sessile,
+            "labels": {**batch.get("labels", {}), **(task.labels or {})} or None,
         }
     rows = sorted(records.values(), key=lambda r: r["sample_id"])
     quarantine.sort(key=lambda q: (q["rel_path"], q["kind"], q["reason"]))
@@ -155,6 +156,9 @@ def _batch_summary(batch: dict[str, Any], plan: BatchPlan, counts: Counter[str],
         "internal_errors": counts["internal_errors"],
         "conservation": {"seen": seen, "ingested_plus_duplicates_plus_quarantined": out, "ok": seen == out},
     }
+    if seen == out:
+        summary[accounting.KEY] = accounting.block(
+            "files", seen, len(records), {**summary["quarantined_by_reason"], "duplicate": len(duplicates)})
     if seen != out:
         raise RuntimeError(f"batch {batch['batch_id']}: conservation violated: seen {seen} != {out} "
                            f"(ingested {len(records)} + duplicates {len(duplicates)} + quarantined {len(quarantine)})")

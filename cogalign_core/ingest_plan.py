@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cogalign_core import raw_layout, tables
+from cogalign_core import raw_layout, tables, taxonomy
 from cogalign_core.privacy import salted_hash
 from cogalign_core.raw_layout import (
     GROUP_COLUMNS,
@@ -62,6 +62,7 @@ class ItemTask:
     mask_problem: tuple[str, str] | None = None  # (reason, detail) found while planning
     boxes: tuple[tuple[int, int, int, int], ...] | None = None
     boxes_frame: tuple[int, int] | None = None
+    labels: dict[str, str] | None = None  # taxonomy terms of a manifest row (win over the batch's labels)
 
 
 
@@ -321,6 +322,7 @@ class _Planner:
         mask_col = _column(header, MANIFEST_MASK_COLUMNS)
         bbox_col = _column(header, MANIFEST_BBOX_COLUMNS)
         group_col = _column(header, MANIFEST_GROUP_COLUMNS)
+        level_cols = [(level, header.index(level)) for level in raw_layout.MANIFEST_LEVEL_COLUMNS if level in header]
         referenced = {manifest_rel}
         for line, fields, error in rows:
             where = f"{manifest_rel}#L{line}"
@@ -361,13 +363,18 @@ class _Planner:
                 else:
                     referenced.add(mask_rel)
             referenced.add(resolved)
+            try:
+                row_labels = taxonomy.validate_labels({level: fields[i] for level, i in level_cols})
+            except ValueError as exc:
+                self.reject(where, "manifest_row", "malformed_manifest_row", f"label: {exc}", None)
+                continue
             label = fields[label_col].strip() if label_col is not None else ""
             group = self.group_hash(dataset, header[group_col], fields[group_col]) if group_col is not None else None
             self.plan.tasks.append(ItemTask(
                 rel_path=resolved, image_file=str(self.root / resolved), name_hash=salted_hash(resolved, self.salt),
                 dataset=dataset, class_label=label or None, group_id_hash=group,
                 mask_rel=mask_rel, mask_file=str(self.root / mask_rel) if mask_rel else None,
-                mask_problem=mask_problem, boxes=boxes))
+                mask_problem=mask_problem, boxes=boxes, labels=row_labels or None))
         self.plan.counts["not_in_layout"] += sum(1 for r in _files_under(self.root, "") if r not in referenced)
 
     def _inside(self, raw: str) -> str | None:

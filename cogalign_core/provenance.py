@@ -23,7 +23,7 @@ TRACKED_PACKAGES: tuple[str, ...] = (
     "cogalign", "torch", "transformers", "trl", "peft", "segment-anything", "opencv-python-headless",
     "pillow", "pyarrow", "numpy",
 )
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = contract.PROVENANCE
 
 
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:

@@ -55,6 +55,7 @@ SAMPLES = pa.schema([
     ("mask_area_fraction", pa.float32()),
     ("boxes", pa.list_(BOX)),            # source boxes (bboxes.json / manifest), pixel frame
     ("kvasir_sessile", pa.bool_()),
+    ("labels", pa.struct([(level, pa.string()) for level in taxonomy.LEVELS])),  # given at ingest, or null
 ])
 
 QUARANTINE = pa.schema([
@@ -79,7 +80,7 @@ DUPLICATES = pa.schema([
 ])
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "external_test")
-PROVENANCE: tuple[str, ...] = ("dataset_label", "derived_from_mask", "clinician", "model")
+PROVENANCE: tuple[str, ...] = ("dataset_label", "ingest_label", "derived_from_mask", "clinician", "model")
 
 ANNOTATIONS = pa.schema(
     [
