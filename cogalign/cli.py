@@ -198,6 +198,28 @@ def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model dir
         _print_lineage(record)
 
 
+@app.command()
+def quarantine(workspace: WorkspaceOpt = Path("."),
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List quarantined files with their real paths (resolved locally from the raw zone; tables hold hashes)."""
+    from cogalign.quarantine import quarantined
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        rows = quarantined(Workspace.open(workspace))
+    except WorkspaceError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    table = Table("batch", "path (local, patient-data zone)", "kind", "reason", "detail")
+    for r in rows:
+        table.add_row(r["batch_id"], r["path"] or f"<not in the raw zone: {r['name_hash']}>", r["kind"], r["reason"],
+                      r["detail"] or "")
+    console.print(table)
+    console.print(f"{len(rows)} quarantined")
+
+
 def _print_lineage(record: dict[str, object]) -> None:
     console.print(f"[bold]{record['target']}[/] ({record['kind']})  revision {record.get('revision')}  "
                   f"flow run {record.get('flow_run_id')}")

@@ -20,9 +20,10 @@ entry registration could not copy (symlinks, unreadable files), and every reject
 and recorded; a violation is a bug and raises. Files outside the layout's item locations
 (READMEs, ``__init__.py``, hidden files) are not units; they are counted as ``not_in_layout``.
 
-Privacy: original paths appear only in ``quarantine.rel_path`` (an operator must find the bad
-file; the quarantine table stays in the workspace). Everywhere else names, sequence and patient
-ids are salted hashes (:func:`privacy.salted_hash`).
+Privacy: original paths stay in the raw zone. Outputs hold salted hashes of names, sequence and
+patient ids (:func:`privacy.salted_hash`); quarantine rows hold the name hash, the reason and a detail
+with the file's names removed (:func:`privacy.redact_names`). ``cogalign quarantine`` maps the hashes
+back to the raw files locally (:attr:`ingest_plan.BatchPlan.names`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _collect(batch: dict[str, Any], plan: BatchPlan, results: list[dict[str, Any
     prefix = f"{BATCHES_DIR.as_posix()}/{batch_id}/"
     for task, res in zip(plan.tasks, results, strict=True):
         if not res["ok"]:
-            quarantine.append(_quarantine_row(batch_id, task.rel_path, salt, res["kind"], res["reason"], res["detail"]))
+            quarantine.append(_quarantine_row(batch_id, task.rel_path, salt, res["kind"], res["reason"], res["detail"],
+                                              task.mask_rel))
             counts["internal_errors"] += int(bool(res.get("internal_error")))
             continue
         sid = res["sample_id"]
@@ -112,7 +114,7 @@ def _collect(batch: dict[str, Any], plan: BatchPlan, results: list[dict[str, Any
             "labels": {**batch.get("labels", {}), **(task.labels or {})} or None,
         }
     rows = sorted(records.values(), key=lambda r: r["sample_id"])
-    quarantine.sort(key=lambda q: (q["rel_path"], q["kind"], q["reason"]))
+    quarantine.sort(key=lambda q: (q["name_hash"], q["kind"], q["reason"]))
     duplicates.sort(key=lambda d: (d["duplicate_of"], d["name_hash"]))
     return rows, quarantine, duplicates, counts
 

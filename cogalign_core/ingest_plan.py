@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cogalign_core import raw_layout, tables, taxonomy
-from cogalign_core.privacy import salted_hash
+from cogalign_core.privacy import redact_names, salted_hash
 from cogalign_core.raw_layout import (
     GROUP_COLUMNS,
     MANIFEST_BBOX_COLUMNS,
@@ -73,13 +73,17 @@ class BatchPlan:
     tasks: list[ItemTask] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)  # entries and metadata rows
     counts: Counter[str] = field(default_factory=Counter)
+    names: dict[str, str] = field(default_factory=dict)  # name hash -> unit name (in memory only, never written)
 
 
-def _quarantine_row(batch_id: str, rel: str, salt: str, kind: str, reason: str, detail: str) -> dict[str, Any]:
+def _quarantine_row(batch_id: str, rel: str, salt: str, kind: str, reason: str, detail: str,
+                    *names: str | None) -> dict[str, Any]:
+    """A quarantine row: the unit's keyed name hash and the reason; names (``rel`` and ``names``) leave the
+    detail (original paths stay in the raw zone; ``cogalign quarantine`` resolves hashes locally)."""
     if reason not in tables.QUARANTINE_REASONS:
         raise ValueError(f"unknown quarantine reason {reason!r}")
-    return {"batch_id": batch_id, "rel_path": rel, "name_hash": salted_hash(rel, salt), "kind": kind,
-            "reason": reason, "detail": detail}
+    return {"batch_id": batch_id, "name_hash": salted_hash(rel, salt), "kind": kind, "reason": reason,
+            "detail": redact_names(detail, rel, *names)}
 
 
 
@@ -146,7 +150,9 @@ class _Planner:
 
     def reject(self, rel: str, kind: str, reason: str, detail: str, unit: str | None) -> None:
         """Quarantine a pre-decode unit; ``unit`` names the seen-counter it adds to (None: already counted)."""
-        self.plan.quarantine.append(_quarantine_row(self.batch_id, rel, self.salt, kind, reason, detail))
+        row = _quarantine_row(self.batch_id, rel, self.salt, kind, reason, detail)
+        self.plan.quarantine.append(row)
+        self.plan.names[row["name_hash"]] = rel
         if unit is not None:
             self.plan.counts[unit] += 1
 
@@ -356,7 +362,7 @@ class _Planner:
                 mask_raw = fields[mask_col].strip()
                 mask_rel = self._inside(mask_raw)
                 if mask_rel is None:
-                    mask_problem = ("mask_missing", f"{where}: mask path {mask_raw!r} leaves the manifest's folder")
+                    mask_problem = ("mask_missing", f"{where}: the mask path leaves the manifest's folder")
                 elif not (self.root / mask_rel).is_file():
                     mask_problem = ("mask_missing", f"{where}: {self._missing(mask_rel)[1]}")
                     mask_rel = None
@@ -434,4 +440,5 @@ def plan_batch(batch: dict[str, Any], files_root: Path, salt: str) -> BatchPlan:
     if batch["layout"] == "collection":
         inside = tuple(ds["path"] + "/" for ds in datasets)
         planner.plan.counts["not_in_layout"] += sum(1 for r in _files_under(files_root, "") if not r.startswith(inside))
+    planner.plan.names.update({t.name_hash: t.rel_path for t in planner.plan.tasks})
     return planner.plan

@@ -60,8 +60,7 @@ SAMPLES = pa.schema([
 
 QUARANTINE = pa.schema([
     ("batch_id", enum()),
-    ("rel_path", pa.string()),           # original path relative to the raw batch root (patient zone)
-    ("name_hash", pa.string()),
+    ("name_hash", pa.string()),          # salted hash of the unit's name (`cogalign quarantine` shows the path)
     ("kind", enum()),                    # image | mask | manifest_row | entry
     ("reason", enum()),                  # see QUARANTINE_REASONS
     ("detail", pa.string()),

@@ -82,7 +82,7 @@ def test_labels_are_validated_against_the_taxonomy(tmp_path: Path) -> None:
 
 
 def test_manifest_level_columns_label_each_image(tmp_path: Path) -> None:
-    from cogalign_core import ingest
+    from cogalign_core import ingest_plan
 
     src = tmp_path / "m"
     for name, seed in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
@@ -90,7 +90,7 @@ def test_manifest_level_columns_label_each_image(tmp_path: Path) -> None:
         Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(src / name)
     (src / "manifest.csv").write_text("path,diagnosis,location\na.png,polyp,\nb.png,normal,cecum\nc.png,tumour,\n")
     batch = raw_batch.register_batch(src, tmp_path / "raw", "b0001", layout="manifest", labels={"location": "colon"})
-    plan = ingest.plan_batch(batch, tmp_path / "raw" / "b0001" / raw_batch.FILES_DIR, "salt")
+    plan = ingest_plan.plan_batch(batch, tmp_path / "raw" / "b0001" / raw_batch.FILES_DIR, "salt")
     assert {t.rel_path: t.labels for t in plan.tasks} == {"a.png": {"diagnosis": "polyp"},
                                                           "b.png": {"location": "cecum", "diagnosis": "normal"}}
     (bad,) = plan.quarantine
