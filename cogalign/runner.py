@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
 from cogalign_core import accounting, contract
+from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
 LOCK_FILE = STATE_DIR / "run.lock"
@@ -140,11 +141,14 @@ def stage_report(ws: Workspace, stages: list[str]) -> accounting.RunReport:
 
 def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
     """Apply ``-S key.path=value`` overrides to params.yaml (validated; YAML-typed values)."""
+    ws.write_params(overridden(ws.params, overrides))
+
+
+def overridden(params: PipelineParams, overrides: dict[str, str]) -> PipelineParams:
+    """``params`` with ``-S key.path=value`` overrides applied and validated (a WorkspaceError otherwise)."""
     import yaml
 
-    from cogalign_core.config import PipelineParams
-
-    data = ws.params.model_dump(mode="json")
+    data = params.model_dump(mode="json")
     for key, raw in overrides.items():
         node = data
         parts = key.split(".")
@@ -156,6 +160,6 @@ def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
             raise WorkspaceError(f"-S {key}: unknown parameter {parts[-1]!r}")
         node[parts[-1]] = yaml.safe_load(raw)
     try:
-        ws.write_params(PipelineParams.model_validate(data))
+        return PipelineParams.model_validate(data)
     except ValueError as exc:
         raise WorkspaceError(f"invalid override: {exc}") from exc

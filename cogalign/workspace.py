@@ -27,11 +27,11 @@ from cogalign_core.io import atomic_write_text
 from cogalign_core.stage import STAGES
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml")
-STATE_DIR = Path(".cogalign")
+STATE_DIR = Path(contract.STATE)
 RUNS_DIR = STATE_DIR / "runs"
 REMOTE_DIR = Path(".dvcstore")
 GITIGNORE = """\
-# cogalign run state (run ids, Prefect home, locks): kept outside versioned outputs
+# cogalign run state (run ids, Prefect home, locks) and execution settings: kept outside versioned outputs
 /.cogalign/
 # local DVC remote of the demo
 /.dvcstore/
