@@ -1,4 +1,9 @@
-"""The ``cogalign`` command line (typer + rich). Heavy imports (Prefect, DVC) happen inside commands."""
+"""The ``cogalign`` command line (typer + rich). Heavy imports (Prefect, DVC) happen inside commands.
+
+Over 400 lines on purpose: one typer app is the whole command surface; each command only parses its options, calls one
+function of ``cogalign``/``cogalign_core`` and prints the result, so splitting it would scatter the
+``--help`` an operator reads in one place.
+"""
 
 from __future__ import annotations
 
@@ -179,7 +184,9 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
 
 @app.command()
 def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model directory or sample_id.")],
-            workspace: WorkspaceOpt = Path("."),
+            workspace: Annotated[Path | None, typer.Option(
+                "--workspace", "-w", help="Workspace directory (default: the one holding TARGET, or the current "
+                "directory's).")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
             mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid flowchart.")] = False) -> None:
     """Which raw images, params and code made TARGET (or what a sample became)."""
@@ -187,7 +194,13 @@ def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model dir
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
-        record = lin.lineage(Workspace.open(workspace), target)
+        if workspace is not None:
+            ws = Workspace.open(workspace)
+        elif Path(target).exists():  # a path inside a workspace names its workspace
+            ws, target = Workspace.find(target), str(Path(target).resolve())
+        else:
+            ws = Workspace.find(Path.cwd())
+        record = lin.lineage(ws, target)
     except WorkspaceError as exc:
         _fail(exc)
     if as_json:

@@ -22,9 +22,8 @@ import yaml
 from cogalign_core import contract, raw_batch, review
 from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params, load_params
-from cogalign_core.fingerprint import fingerprint_text
 from cogalign_core.io import atomic_write_text
-from cogalign_core.stage import STAGES
+from cogalign_core.stage import STAGES, fingerprint_text
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml")
 STATE_DIR = Path(contract.STATE)
@@ -54,6 +53,16 @@ class Workspace:
         if not (root / "dvc.yaml").exists() or not (root / ".dvc").is_dir():
             raise WorkspaceError(f"{root} is not a cogalign workspace (no dvc.yaml/.dvc): run `cogalign init {path}`")
         return cls(root)
+
+    @classmethod
+    def find(cls, path: str | os.PathLike[str]) -> Workspace:
+        """The workspace holding ``path``: the nearest folder at or above it with dvc.yaml and .dvc/."""
+        start = Path(path).resolve()
+        for candidate in (start, *start.parents):
+            if (candidate / "dvc.yaml").exists() and (candidate / ".dvc").is_dir():
+                return cls(candidate)
+        raise WorkspaceError(f"{path} is not inside a cogalign workspace (no dvc.yaml/.dvc above it): "
+                             "pass --workspace")
 
     @property
     def params(self) -> PipelineParams:

@@ -13,6 +13,9 @@ greedy, batched, capped at ``evaluate.max_new_tokens``. Completions are parsed a
 :mod:`cogalign_core.metrics` only. Outputs under ``data/evaluate/``: ``predictions.parquet``
 (:data:`PREDICTIONS`), ``metrics.json``, ``plots/*.csv``, ``report.html``, ``summary.json``
 (counts: in = prompts + skipped), ``provenance.json``. Nothing time- or run-dependent is written.
+
+Over 400 lines on purpose: the stage owns the prediction table's schema, prompt selection, the prediction rows and
+the report's inputs (plots, gallery); scoring lives in :mod:`metrics`, HTML in :mod:`report`.
 """
 
 from __future__ import annotations

@@ -146,6 +146,29 @@ def test_rl_lineage_lists_train_raw_files_and_no_test_file(full_workspace: Path)
     assert "flowchart" in lin.to_mermaid(record)
 
 
+def test_lineage_finds_the_workspace_from_a_path_inside_it(full_workspace: Path, tmp_path: Path) -> None:
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from cogalign.cli import app
+
+    def lineage(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["lineage", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    with contextlib.chdir(tmp_path):  # outside the workspace: the path names it
+        assert lineage(str(full_workspace / "data/rl/model"))["stage"] == "rl"
+    with contextlib.chdir(full_workspace / "data" / "sft"):  # inside it: relative paths and sample ids
+        assert lineage("model")["stage"] == "sft"
+        sid = tables.read_rows(full_workspace / "data/ingest/samples.parquet")[0]["sample_id"]
+        assert lineage(sid)["kind"] == "sample"
+    with contextlib.chdir(tmp_path):
+        result = CliRunner().invoke(app, ["lineage", "data/rl/model"])
+        assert result.exit_code == 2 and "not inside a cogalign workspace" in result.output
+
+
 def test_counterfactual_lineage_reaches_its_raw_image(full_workspace: Path) -> None:
     ws = Workspace.open(full_workspace)
     cf = next(c for c in tables.read_rows(full_workspace / "data/counterfactual/counterfactuals.parquet")
