@@ -173,7 +173,7 @@ def test_report_is_self_contained(full_workspace: Path) -> None:
     for tag, _, value in parser.refs:
         if tag == "img":
             header, payload = value.split(",", 1)
-            assert header == "data:image/png;base64"
+            assert header in ("data:image/png;base64", "data:image/jpeg;base64")
             Image.open(io.BytesIO(base64.b64decode(payload))).verify()
     css = "\n".join(parser.css)
     assert "@import" not in css and not re.search(r"url\(\s*['\"]?(?!data:)", css)

@@ -111,7 +111,8 @@ def test_every_readme_command_runs_as_written(full_workspace: Path, tmp_path: Pa
     assert len(outputs) >= 10
     run = next(o for c, o in outputs.items() if c.endswith("cogalign run --workspace /data/cogalign-ws"))
     assert "warning:" not in run and re.search(r"ingest_batch@b0003: \d+ files in", run), run
-    assert "up to date" in next(o for c, o in outputs.items() if "--until annotate" in c)
+    assert "up to date" in next(o for c, o in outputs.items() if c.endswith("--until annotate"))
+    assert re.search(r"ingest_batch@b0001: \d+ files in", next(o for c, o in outputs.items() if " -S " in c))
 
 
 def _overrides(text: str) -> list[str]:

@@ -19,13 +19,14 @@ grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from cogalign_core import contract
+from cogalign_core import accounting, contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
@@ -98,12 +99,15 @@ def sft_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
     pool = data.real_examples(annotations, ["train"], spec, recipe.grounding)
     counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(pool),
                               "excluded_datasets": list(model_params.train_exclude_datasets)}
+    offered, skipped = len(pool), Counter[str]()
     if recipe.sft.include_counterfactuals:
         cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         pool += cf
+        offered += len(cf_rows)
         counts["counterfactual_train"] = len(cf)
         counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
+    counts[accounting.KEY] = accounting.block("train rows", offered, len(pool), skipped)
     if not pool:
         raise data.DataError("no train examples for SFT (is the train split empty?)")
     train = (data.balance_normals(pool, recipe.sft.normal_fraction, recipe.train.seed)
