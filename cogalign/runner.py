@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
 from cogalign_core import accounting, contract
-from cogalign_core.config import PipelineParams
+from cogalign_core.config import PARAMS_FILE, PipelineParams
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
 LOCK_FILE = STATE_DIR / "run.lock"
@@ -107,8 +107,10 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
             apply_overrides(ws, overrides)
         ws.update_fingerprints()
         if not (force or from_stage) and is_up_to_date(ws, until):
-            return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned,
-                              report=stage_report(ws, list(ws.lock_stages())))
+            # An override no stage declares (e.g. registry.*) changes nothing to run but is still recorded.
+            revision = ws.commit("cogalign run: parameter overrides", [PARAMS_FILE]) if overrides and commit else None
+            return RunOutcome(up_to_date=True, revision=revision, seconds=time.perf_counter() - start,
+                              cleaned=cleaned, report=stage_report(ws, list(ws.lock_stages())))
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
 

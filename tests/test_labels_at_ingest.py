@@ -46,7 +46,7 @@ def test_unlabelled_batch_warns_and_a_labelled_one_yields_masks_and_counterfactu
     assert json.loads((ws / "data/raw/b0003/batch.json").read_text())["labels"] == {
         "location": "colon, segment unknown", "diagnosis": "polyp"}
 
-    code, out = _cli("run", "--workspace", w, "--until", "counterfactual", "-S", "masks.qc_max_samples=4")
+    code, out = _cli("run", "--workspace", w, "--until", "counterfactual")
     assert code == 0, out
     assert "warning: batch b0002 yields no usable sample: 5 samples in, 0 usable after annotate " \
            "(unmapped_label 5)" in " ".join(out.split())
