@@ -1,4 +1,9 @@
-"""The ``cogalign`` command line (typer + rich). Heavy imports (Prefect, DVC) happen inside commands."""
+"""The ``cogalign`` command line (typer + rich). Heavy imports (Prefect, DVC) happen inside commands.
+
+Over 400 lines on purpose: one typer app is the whole command surface; each command only parses its options, calls one
+function of ``cogalign``/``cogalign_core`` and prints the result, so splitting it would scatter the
+``--help`` an operator reads in one place.
+"""
 
 from __future__ import annotations
 
@@ -55,13 +60,24 @@ def ingest(source: Annotated[Path, typer.Argument(help="Folder of raw endoscopy 
            workspace: WorkspaceOpt = Path("."),
            layout: Annotated[str, typer.Option(help="auto | seg | classes | manifest | collection")] = "auto",
            role: Annotated[str, typer.Option(help="train | test (test batches are never trained on)")] = "train",
-           dataset: Annotated[str | None, typer.Option(help="Dataset id (default: from the folder name).")] = None
+           dataset: Annotated[str | None, typer.Option(help="Dataset id (default: from the folder name).")] = None,
+           diagnosis: Annotated[str | None, typer.Option(
+               help="Diagnosis of every image in the batch (a taxonomy term, e.g. polyp or normal); needed when "
+               "the dataset is not one the taxonomy knows.")] = None,
+           location: Annotated[str | None, typer.Option(help="Anatomical location term (e.g. colon, cecum).")] = None,
+           morphology: Annotated[str | None, typer.Option(help="Morphology term (e.g. 'paris 0-is').")] = None,
+           microvascular: Annotated[str | None, typer.Option(help="Microvascular term (e.g. 'nice 2').")] = None
            ) -> None:
-    """Register SOURCE as a new raw batch (DVC-tracked, never pushed unless configured)."""
+    """Register SOURCE as a new raw batch (DVC-tracked, never pushed unless configured).
+
+    Labels given here apply to every image of the batch (a manifest's diagnosis/location/morphology/
+    microvascular columns give them per image and win); they are checked against the taxonomy now.
+    """
     from cogalign.workspace import Workspace, WorkspaceError, register
 
+    labels = {"diagnosis": diagnosis, "location": location, "morphology": morphology, "microvascular": microvascular}
     try:
-        batch = register(Workspace.open(workspace), source, layout=layout, role=role, dataset=dataset)
+        batch = register(Workspace.open(workspace), source, layout=layout, role=role, dataset=dataset, labels=labels)
     except WorkspaceError as exc:
         _fail(exc)
     console.print(f"registered raw batch [bold]{batch}[/] ({role}); `cogalign run` processes it")
@@ -86,6 +102,9 @@ def run(workspace: WorkspaceOpt = Path("."),
         wait: Annotated[bool, typer.Option(help="Wait for another run on this workspace instead of refusing.")] = False,
         push: Annotated[bool, typer.Option(help="dvc push after a successful run (data/raw only if "
                                                 "privacy.push_raw).")] = False,
+        strict: Annotated[bool, typer.Option(help="Exit with an error when the run ends with a warning (a batch "
+                                                  "with no usable sample, a stage dropping more than "
+                                                  "drop_warning_fraction of its input).")] = False,
         set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Parameter override key.path=value.")] = None
         ) -> None:
     """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics."""
@@ -102,13 +121,20 @@ def run(workspace: WorkspaceOpt = Path("."),
         console.print(f"cleaned after an interrupted run: {', '.join(outcome.cleaned)}")
     if outcome.up_to_date:
         console.print("[green]up to date[/]: nothing changed since the last run")
-        return
-    table = Table("stage", "status", "seconds", "device")
-    for s in outcome.stages:
-        table.add_row(str(s["stage"]), "ran" if s["ran"] else "up to date", f"{s['seconds']:.1f}", str(s["devices"]))
-    console.print(table)
-    console.print(f"flow run [bold]{outcome.flow_run_id}[/] finished in {outcome.seconds:.0f}s; "
-                  f"revision {outcome.revision or '(not committed)'}")
+    else:
+        table = Table("stage", "status", "seconds", "device")
+        for s in outcome.stages:
+            table.add_row(str(s["stage"]), "ran" if s["ran"] else "up to date", f"{s['seconds']:.1f}",
+                          str(s["devices"]))
+        console.print(table)
+        for line in outcome.report.lines:
+            console.print(line, soft_wrap=True, highlight=False)
+        console.print(f"flow run [bold]{outcome.flow_run_id}[/] finished in {outcome.seconds:.0f}s; "
+                      f"revision {outcome.revision or '(not committed)'}")
+    for warning in outcome.report.warnings:
+        err.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
+    if strict and outcome.report.warnings:
+        _fail(RuntimeError(f"--strict: the run ended with {len(outcome.report.warnings)} warning(s)"))
 
 
 @app.command()
@@ -158,7 +184,9 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
 
 @app.command()
 def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model directory or sample_id.")],
-            workspace: WorkspaceOpt = Path("."),
+            workspace: Annotated[Path | None, typer.Option(
+                "--workspace", "-w", help="Workspace directory (default: the one holding TARGET, or the current "
+                "directory's).")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
             mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid flowchart.")] = False) -> None:
     """Which raw images, params and code made TARGET (or what a sample became)."""
@@ -166,7 +194,13 @@ def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model dir
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
-        record = lin.lineage(Workspace.open(workspace), target)
+        if workspace is not None:
+            ws = Workspace.open(workspace)
+        elif Path(target).exists():  # a path inside a workspace names its workspace
+            ws, target = Workspace.find(target), str(Path(target).resolve())
+        else:
+            ws = Workspace.find(Path.cwd())
+        record = lin.lineage(ws, target)
     except WorkspaceError as exc:
         _fail(exc)
     if as_json:
@@ -175,6 +209,28 @@ def lineage(target: Annotated[str, typer.Argument(help="Artifact path, model dir
         typer.echo(lin.to_mermaid(record))
     else:
         _print_lineage(record)
+
+
+@app.command()
+def quarantine(workspace: WorkspaceOpt = Path("."),
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List quarantined files with their real paths (resolved locally from the raw zone; tables hold hashes)."""
+    from cogalign.quarantine import quarantined
+    from cogalign.workspace import Workspace, WorkspaceError
+
+    try:
+        rows = quarantined(Workspace.open(workspace))
+    except WorkspaceError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    table = Table("batch", "path (local, patient-data zone)", "kind", "reason", "detail")
+    for r in rows:
+        table.add_row(r["batch_id"], r["path"] or f"<not in the raw zone: {r['name_hash']}>", r["kind"], r["reason"],
+                      r["detail"] or "")
+    console.print(table)
+    console.print(f"{len(rows)} quarantined")
 
 
 def _print_lineage(record: dict[str, object]) -> None:

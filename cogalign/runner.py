@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
-from cogalign_core import contract
+from cogalign_core import accounting, contract
+from cogalign_core.config import PARAMS_FILE, PipelineParams
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
 LOCK_FILE = STATE_DIR / "run.lock"
@@ -29,6 +30,7 @@ class RunOutcome:
     stages: list[dict[str, object]] = field(default_factory=list)
     seconds: float = 0.0
     cleaned: list[str] = field(default_factory=list)
+    report: accounting.RunReport = field(default_factory=accounting.RunReport)
 
 
 @contextlib.contextmanager
@@ -105,7 +107,10 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
             apply_overrides(ws, overrides)
         ws.update_fingerprints()
         if not (force or from_stage) and is_up_to_date(ws, until):
-            return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned)
+            # An override no stage declares (e.g. registry.*) changes nothing to run but is still recorded.
+            revision = ws.commit("cogalign run: parameter overrides", [PARAMS_FILE]) if overrides and commit else None
+            return RunOutcome(up_to_date=True, revision=revision, seconds=time.perf_counter() - start,
+                              cleaned=cleaned, report=stage_report(ws, list(ws.lock_stages())))
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
 
@@ -119,7 +124,8 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
 
             dvc_push(ws)
         outcome = RunOutcome(False, run_id, revision or ws.revision(), list(result["stages"]),
-                             time.perf_counter() - start, cleaned)
+                             time.perf_counter() - start, cleaned,
+                             stage_report(ws, [str(s["stage"]) for s in result["stages"]]))
         atomic_write_json(ws.root / RUNS_DIR / f"{run_id}.json", {
             "flow_run_id": run_id, "revision": outcome.revision, "committed": revision is not None,
             "finished_unix": time.time(), "seconds": round(outcome.seconds, 2), "stages": outcome.stages,
@@ -128,13 +134,23 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         return outcome
 
 
+def stage_report(ws: Workspace, stages: list[str]) -> accounting.RunReport:
+    """Per-stage in/out/dropped lines and the warnings (empty batches, large drops) for ``stages``."""
+    from cogalign_core.settings import load_settings
+
+    return accounting.run_report(ws.root, stages, ws.params.batches, load_settings(ws.root).drop_warning_fraction)
+
+
 def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
     """Apply ``-S key.path=value`` overrides to params.yaml (validated; YAML-typed values)."""
+    ws.write_params(overridden(ws.params, overrides))
+
+
+def overridden(params: PipelineParams, overrides: dict[str, str]) -> PipelineParams:
+    """``params`` with ``-S key.path=value`` overrides applied and validated (a WorkspaceError otherwise)."""
     import yaml
 
-    from cogalign_core.config import PipelineParams
-
-    data = ws.params.model_dump(mode="json")
+    data = params.model_dump(mode="json")
     for key, raw in overrides.items():
         node = data
         parts = key.split(".")
@@ -146,6 +162,6 @@ def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
             raise WorkspaceError(f"-S {key}: unknown parameter {parts[-1]!r}")
         node[parts[-1]] = yaml.safe_load(raw)
     try:
-        ws.write_params(PipelineParams.model_validate(data))
+        return PipelineParams.model_validate(data)
     except ValueError as exc:
         raise WorkspaceError(f"invalid override: {exc}") from exc

@@ -22,16 +22,15 @@ import yaml
 from cogalign_core import contract, raw_batch, review
 from cogalign_core.annotate import CLINICIAN_CSV_HEADER
 from cogalign_core.config import PARAMS_FILE, PipelineParams, dump_params, load_params
-from cogalign_core.fingerprint import fingerprint_text
 from cogalign_core.io import atomic_write_text
-from cogalign_core.stage import STAGES
+from cogalign_core.stage import STAGES, fingerprint_text
 
 TEMPLATE_FILES = ("dvc.yaml", "prefect.yaml")
-STATE_DIR = Path(".cogalign")
+STATE_DIR = Path(contract.STATE)
 RUNS_DIR = STATE_DIR / "runs"
 REMOTE_DIR = Path(".dvcstore")
 GITIGNORE = """\
-# cogalign run state (run ids, Prefect home, locks): kept outside versioned outputs
+# cogalign run state (run ids, Prefect home, locks) and execution settings: kept outside versioned outputs
 /.cogalign/
 # local DVC remote of the demo
 /.dvcstore/
@@ -54,6 +53,16 @@ class Workspace:
         if not (root / "dvc.yaml").exists() or not (root / ".dvc").is_dir():
             raise WorkspaceError(f"{root} is not a cogalign workspace (no dvc.yaml/.dvc): run `cogalign init {path}`")
         return cls(root)
+
+    @classmethod
+    def find(cls, path: str | os.PathLike[str]) -> Workspace:
+        """The workspace holding ``path``: the nearest folder at or above it with dvc.yaml and .dvc/."""
+        start = Path(path).resolve()
+        for candidate in (start, *start.parents):
+            if (candidate / "dvc.yaml").exists() and (candidate / ".dvc").is_dir():
+                return cls(candidate)
+        raise WorkspaceError(f"{path} is not inside a cogalign workspace (no dvc.yaml/.dvc above it): "
+                             "pass --workspace")
 
     @property
     def params(self) -> PipelineParams:
@@ -187,7 +196,8 @@ def init_workspace(path: str | os.PathLike[str], sample: bool = False, salt: str
 
 
 def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto", role: str = "train",
-             dataset: str | None = None, message: str | None = None) -> str:
+             dataset: str | None = None, message: str | None = None,
+             labels: dict[str, str | None] | None = None) -> str:
     """Add ``source`` as a new raw batch: copy, ``dvc add`` (never pushed), append to params, commit."""
     src = Path(source).resolve()
     if not src.is_dir():
@@ -197,7 +207,7 @@ def register(ws: Workspace, source: str | os.PathLike[str], layout: str = "auto"
     raw_root = ws.root / contract.RAW
     batch_id = raw_batch.next_batch_id(raw_root)
     try:
-        raw_batch.register_batch(src, raw_root, batch_id, layout=layout, role=role, dataset=dataset)
+        raw_batch.register_batch(src, raw_root, batch_id, layout=layout, role=role, dataset=dataset, labels=labels)
     except ValueError as exc:
         shutil.rmtree(raw_root / batch_id, ignore_errors=True)
         raise WorkspaceError(str(exc)) from exc

@@ -4,8 +4,10 @@ Reads ``data/ingest/samples.parquet`` and writes ``data/annotate/annotations.par
 :data:`cogalign_core.tables.ANNOTATIONS`), ``rejects.parquet`` and ``summary.json``.
 
 Each level's value carries its provenance: ``dataset_label`` (the source's class or dataset label
-mapped through :mod:`cogalign_core.taxonomy`), ``derived_from_mask`` (lesion count / relative size
-from the ground-truth mask) or ``clinician`` (a clinician CSV, which overrides).
+mapped through :mod:`cogalign_core.taxonomy`), ``ingest_label`` (terms given when the batch was
+registered, ``cogalign ingest --diagnosis ...`` or a manifest's level columns; they win over the
+dataset's), ``derived_from_mask`` (lesion count / relative size from the ground-truth mask) or
+``clinician`` (a clinician CSV, which overrides everything).
 
 Splits are assigned per *group*, never per image: samples sharing a dataset sequence/patient or a
 near-duplicate cluster form one group (union-find), and the group's split is a salted hash of its
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from cogalign_core import answer_format, contract, tables, taxonomy
+from cogalign_core import accounting, answer_format, contract, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.annotate import SplitParams
 from cogalign_core.io import atomic_write_json
@@ -384,33 +386,49 @@ def annotate_frame(samples: pl.DataFrame, workspace: Path, params: PipelineParam
                         schema={"sample_id": pl.String, **{f"clin_{lv}": pl.String for lv in taxonomy.LEVELS}})
     df = (df.join(_source_labels(df), on=["dataset", "class_label", "kvasir_sessile"], how="left", nulls_equal=True)
           .join(over, on="sample_id", how="left"))
-    unlabelled = df.filter(~pl.col("lbl_ok") & pl.col("clin_diagnosis").is_null()).sort("sample_id")
+    given = {lv: pl.col("labels").struct.field(lv) for lv in taxonomy.LEVELS}  # terms given at ingest
+    labelled = pl.col("lbl_ok") | given["diagnosis"].is_not_null() | pl.col("clin_diagnosis").is_not_null()
+    unlabelled = df.filter(~labelled).sort("sample_id")
     rejects = [{"source": "dataset_label", "row": None, "sample_id": sid, "reason": "unmapped_label",
                 "detail": f"dataset={ds} class_label={cl!r}"}
                for sid, ds, cl in unlabelled.select("sample_id", "dataset", "class_label").iter_rows()]
-    df = df.filter(pl.col("lbl_ok") | pl.col("clin_diagnosis").is_not_null())
+    df = df.filter(labelled)
     df = df.drop("boxes").join(_facts_frame(df, workspace), on="sample_id", how="left") \
         if df.height else df.with_columns(pl.lit(None, pl.Int32).alias("lesion_count"),
                                           pl.lit(None, pl.Float64).alias("lesion_area_fraction"),
                                           pl.lit(None, pl.String).alias("frame_region"),
                                           pl.lit(None, pl.String).alias("mask_morphology"))
     na = pl.lit(taxonomy.NOT_ASSESSABLE)
-    ok = pl.col("lbl_ok")
+    dataset_ok = pl.col("lbl_ok")
+    # A source the taxonomy does not know but labelled at ingest: its base label is the given diagnosis.
+    from_given = ~dataset_ok & given["diagnosis"].is_not_null()
+    ok = dataset_ok | from_given
+    base_source = pl.when(dataset_ok).then(pl.lit("dataset_label")).otherwise(pl.lit("ingest_label"))
+    given_normal = given["diagnosis"] == taxonomy.NORMAL
+    base_morphology = pl.when(dataset_ok).then(pl.col("lbl_morphology")) \
+        .when(given_normal).then(pl.lit(taxonomy.NO_LESION))
     dataset_value = {
-        "location": pl.when(ok).then(pl.coalesce(pl.col("lbl_location"), na)),
-        "microvascular": pl.when(ok).then(pl.coalesce(pl.col("lbl_microvascular"), na)),
-        "diagnosis": pl.when(ok).then(pl.col("lbl_diagnosis")),
-        "morphology": pl.when(ok).then(pl.coalesce(pl.col("lbl_morphology"), pl.col("mask_morphology"), na)),
+        "location": pl.when(ok).then(pl.coalesce(pl.when(dataset_ok).then(pl.col("lbl_location")), na)),
+        "microvascular": pl.when(ok).then(pl.coalesce(pl.when(dataset_ok).then(pl.col("lbl_microvascular")), na)),
+        "diagnosis": pl.when(dataset_ok).then(pl.col("lbl_diagnosis")).otherwise(given["diagnosis"]),
+        "morphology": pl.when(ok).then(pl.coalesce(base_morphology, pl.col("mask_morphology"), na)),
     }
-    dataset_source = {lv: pl.when(ok).then(pl.lit("dataset_label")) for lv in taxonomy.LEVELS}
+    dataset_source = {lv: pl.when(ok).then(base_source) for lv in taxonomy.LEVELS}
     dataset_source["morphology"] = pl.when(ok).then(
-        pl.when(pl.col("lbl_morphology").is_null() & pl.col("mask_morphology").is_not_null())
-        .then(pl.lit("derived_from_mask")).otherwise(pl.lit("dataset_label")))
+        pl.when(base_morphology.is_null() & pl.col("mask_morphology").is_not_null())
+        .then(pl.lit("derived_from_mask")).otherwise(base_source))
+    # Given terms win over the dataset's; a given diagnosis that changes the finding implies its morphology
+    # when none was given (a normal finding has no lesion; a lesion without a mask is not assessable).
+    changed = given["diagnosis"].is_not_null() & (dataset_value["diagnosis"] != given["diagnosis"])
+    implied = pl.when(changed & given_normal).then(pl.lit(taxonomy.NO_LESION)) \
+        .when(changed & pl.col("mask_path").is_null()).then(na)
+    given_value = {**given, "morphology": pl.coalesce(given["morphology"], implied)}
     levels = []
     for lv in taxonomy.LEVELS:
         clin = pl.col(f"clin_{lv}")
-        levels += [pl.coalesce(clin, dataset_value[lv], na).alias(lv),
+        levels += [pl.coalesce(clin, given_value[lv], dataset_value[lv], na).alias(lv),
                    pl.when(clin.is_not_null()).then(pl.lit("clinician"))
+                   .when(given_value[lv].is_not_null()).then(pl.lit("ingest_label"))
                    .otherwise(pl.coalesce(dataset_source[lv], pl.lit("clinician"))).alias(f"{lv}_source")]
     df = df.with_columns(levels).with_columns(pl.col("role").fill_null("train"))
     df = df.join(_splits(df, params.annotate.split), on=["group_key_raw", "diagnosis"], how="left")
@@ -446,6 +464,17 @@ def annotate_samples(samples: list[dict[str, Any]], workspace: Path, params: Pip
     rows, rejects = annotate_frame(_frame(tables.table_from_rows(samples, tables.SAMPLES)), workspace, params,
                                    clinician)
     return tables.table_from_polars(rows, tables.ANNOTATIONS).to_pylist(), rejects
+
+
+def _by_batch(batch_of: dict[str, str], annotated_batches: list[str], rejects: list[dict[str, Any]]
+              ) -> dict[str, dict[str, Any]]:
+    """Per raw batch: samples in, annotated (usable) and rejected by reason."""
+    n_in, n_out = Counter(batch_of.values()), Counter(annotated_batches)
+    dropped: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in rejects:
+        if r["source"] == "dataset_label":
+            dropped[batch_of[r["sample_id"]]][r["reason"]] += 1
+    return {b: accounting.block("samples", n_in[b], n_out[b], dropped[b]) for b in sorted(n_in)}
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) -> None:
@@ -485,6 +514,9 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "split_counts": by_split,
         "split_counts_by_diagnosis": dict(sorted(by_split_diag.items())),
         "taxonomy_version": taxonomy.TAXONOMY_VERSION,
+        accounting.KEY: accounting.block("samples", n_samples, frame.height, {"unmapped_label": unlabelled}),
+        accounting.BY_BATCH: _by_batch(dict(samples.select("sample_id", "batch_id").iter_rows()),
+                                       frame["batch_id"].to_list(), rejects),
     })
     write_provenance(out, "annotate", workspace, inputs,
                      {"annotate": params.annotate.model_dump(mode="json"), "batches": params.batches})

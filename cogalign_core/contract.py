@@ -195,6 +195,17 @@ def uses_counterfactuals(stage: str) -> bool:
     return any(d == COUNTERFACTUAL or d.startswith(COUNTERFACTUAL + "/") for d in STAGES[base].deps)
 
 
+def summary_path(stage: str) -> str | None:
+    """The ``summary.json`` of a stage run (``ingest_batch@b0002`` for a foreach item), or None."""
+    base, _, item = stage.partition("@")
+    if base not in STAGES:
+        return None
+    outs = [o.replace(ITEM, item) for o in STAGES[base].outs]
+    files = [o for o in outs if o.endswith("/" + SUMMARY)]
+    folders = [f"{o}/{SUMMARY}" for o in outs if "." not in o.rsplit("/", 1)[-1]]
+    return (files or folders or [None])[0]
+
+
 def is_under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` or inside it (workspace-relative POSIX paths)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")

@@ -53,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, contract, io, reuse, tables, taxonomy
+from cogalign_core import accounting, answer_format, contract, io, reuse, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.counterfactual import CounterfactualParams
 from cogalign_core.executor import map_items
@@ -114,6 +114,20 @@ COUNTERFACTUALS = pa.schema(
         ("exclusion_reason", tables.enum()),     # EXCLUSION_REASONS
     ]
 )
+
+
+def _parent_accounting(tasks: list[Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accepted lesion masks in; parents with a usable counterfactual normal out; the others by reason."""
+    normal = {r["parent_sample_id"]: r for r in rows if r["kind"] == "counterfactual_normal"}
+    dropped: Counter[str] = Counter()
+    usable = 0
+    for t in tasks:
+        r = normal.get(t.sample_id)
+        if r is not None and not r["excluded"]:
+            usable += 1
+        else:
+            dropped[(r or {}).get("exclusion_reason") or "no_counterfactual_normal"] += 1
+    return accounting.block("lesion masks", len(tasks), usable, dropped)
 
 
 @dataclass
@@ -498,6 +512,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
                                               if r["excluded"] and r["kind"] == "counterfactual_normal"),
         "outside_identical_all": all(r["outside_identical"] for r in rows if r.get("image_path")),
         "coverage": coverage(rows),
+        accounting.KEY: _parent_accounting(tasks, rows),
     }
     if summary["parents_out"] != summary["accepted_masks"]:
         raise AssertionError(f"counterfactual stage lost parents: {summary}")

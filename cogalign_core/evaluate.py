@@ -16,6 +16,9 @@ greedy, batched, capped at ``evaluate.max_new_tokens``. Completions are parsed a
 (:data:`PREDICTIONS`), ``metrics.json``, ``plots/*.csv``, ``report.html``, ``summary.json``
 (counts: in = prompts + skipped), ``provenance.json``, ``model_cards/<model>/README.md`` (each model's
 card with these metrics, :mod:`cogalign_core.train.model_card`). Nothing time- or run-dependent is written.
+
+Over 400 lines on purpose: the stage owns the prediction table's schema, prompt selection, the prediction rows and
+the report's inputs (plots, gallery); scoring lives in :mod:`metrics`, HTML in :mod:`report`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import answer_format, contract, metrics, report, tables, taxonomy
+from cogalign_core import accounting, answer_format, contract, metrics, report, tables, taxonomy
 from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canvas
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
@@ -459,6 +462,7 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "skipped": skipped, "models": list(ep.models), "predictions": len(rows),
         "format_valid": {m: sum(1 for r in rows if r["model"] == m and r["format_valid"]) for m in ep.models},
         "conditions": counts, "majority_answer": majority, "plots": plot_files,
+        accounting.KEY: accounting.block("prompts", n_in, len(prompts), {"image_unreadable": len(skipped)}),
     })
     inputs = [ANNOTATIONS_PATH.as_posix()] + ([COUNTERFACTUALS_PATH.as_posix()] if counterfactuals else [])
     # A real base model lives outside the workspace: its identity (name, revision, hash) is in base_model.json.

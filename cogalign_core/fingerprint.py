@@ -1,5 +1,6 @@
 """Code fingerprints: what ``code/<stage>.json`` holds, derived from the code itself.
 
+:func:`cogalign_core.stage.code_fingerprint` builds the record from :func:`source_hashes`.
 A stage's code is the import closure of its entry module within ``cogalign_core`` (plus the
 ``cogalign_core.stage`` runner that calls it), read from the sources with :mod:`ast` without
 importing anything: every ``import`` statement counts, including those inside functions (lazy
@@ -14,13 +15,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import json
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-
-from cogalign_core import __version__
 
 PACKAGE = "cogalign_core"
 RUNNER = "cogalign_core.stage"
@@ -159,23 +157,15 @@ def _values_of(node: object, key: str) -> Iterator[str]:
             yield from _values_of(v, key)
 
 
-def code_fingerprint(stage: str, recipe: str | None = None) -> dict[str, object]:
-    """Deterministic fingerprint of the code a stage runs: package version, module and recipe hashes.
+def source_hashes(entry: str, recipe: str | None = None) -> dict[str, str]:
+    """SHA-256 of every file a stage with entry point ``entry`` runs, keyed by module name or recipe path.
 
     Args:
-        stage: a stage of :data:`cogalign_core.stage.STAGES`.
+        entry: the stage's ``module:function``.
         recipe: the workspace's ``model.recipe``; its folder counts only for stages that load recipes.
     """
-    from cogalign_core.stage import STAGES
-
-    modules = stage_modules(STAGES[stage].entry)
-    files = {name: module_file(name) for name in modules}
+    modules = stage_modules(entry)
+    files: dict[str, Path] = {name: module_file(name) for name in modules}  # type: ignore[misc]
     if recipe is not None and RECIPE_LOADER in modules:
         files |= recipe_files(recipe)
-    sources = {key: hashlib.sha256(read_source(path)).hexdigest() for key, path in files.items()}  # type: ignore[arg-type]
-    return {"stage": stage, "package_version": __version__, "sources": dict(sorted(sources.items()))}
-
-
-def fingerprint_text(stage: str, recipe: str | None = None) -> str:
-    """The fingerprint as the exact text written to ``code/<stage>.json`` in a workspace."""
-    return json.dumps(code_fingerprint(stage, recipe), indent=2, sort_keys=True) + "\n"
+    return dict(sorted((key, hashlib.sha256(read_source(path)).hexdigest()) for key, path in files.items()))

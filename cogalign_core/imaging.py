@@ -21,6 +21,9 @@ Stored form (content-addressed by SHA-256 of the stored bytes):
   chunks (IHDR, PLTE, IDAT, IEND);
 - anything else (16-bit, CMYK, palette, alpha, grey, ICC-tagged, TIFF, ...) is converted and encoded
   as PNG with ``compress_level=1`` (fast; files are ~1.3-1.6x the size of level 9 on photos).
+
+Over 400 lines on purpose: the one place that turns raw bytes into stored pixels (decode, validate, strip metadata,
+store losslessly, hash); keeping every stored form's rules together is what keeps them consistent.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ entry registration could not copy (symlinks, unreadable files), and every reject
 and recorded; a violation is a bug and raises. Files outside the layout's item locations
 (READMEs, ``__init__.py``, hidden files) are not units; they are counted as ``not_in_layout``.
 
-Privacy: original paths appear only in ``quarantine.rel_path`` (an operator must find the bad
-file; the quarantine table stays in the workspace). Everywhere else names, sequence and patient
-ids are salted hashes (:func:`privacy.salted_hash`).
+Privacy: original paths stay in the raw zone. Outputs hold salted hashes of names, sequence and
+patient ids (:func:`privacy.salted_hash`); quarantine rows hold the name hash, the reason and a detail
+with the file's names removed (:func:`privacy.redact_names`). ``cogalign quarantine`` maps the hashes
+back to the raw files locally (:attr:`ingest_plan.BatchPlan.names`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cogalign_core import contract, tables
+from cogalign_core import accounting, contract, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import default_workers, map_items
 from cogalign_core.ingest_decode import DecodeSettings, process_item
@@ -89,7 +90,8 @@ def _collect(batch: dict[str, Any], plan: BatchPlan, results: list[dict[str, Any
     prefix = f"{BATCHES_DIR.as_posix()}/{batch_id}/"
     for task, res in zip(plan.tasks, results, strict=True):
         if not res["ok"]:
-            quarantine.append(_quarantine_row(batch_id, task.rel_path, salt, res["kind"], res["reason"], res["detail"]))
+            quarantine.append(_quarantine_row(batch_id, task.rel_path, salt, res["kind"], res["reason"], res["detail"],
+                                              task.mask_rel))
             counts["internal_errors"] += int(bool(res.get("internal_error")))
             continue
         sid = res["sample_id"]
@@ -109,9 +111,10 @@ def _collect(batch: dict[str, Any], plan: BatchPlan, results: list[dict[str, Any
             "mask_binarise_threshold": res["mask_binarise_threshold"],
             "mask_area_fraction": res["mask_area_fraction"], "boxes": res["boxes"],
             "kvasir_sessile": task.kvasir_sessile,
+            "labels": {**batch.get("labels", {}), **(task.labels or {})} or None,
         }
     rows = sorted(records.values(), key=lambda r: r["sample_id"])
-    quarantine.sort(key=lambda q: (q["rel_path"], q["kind"], q["reason"]))
+    quarantine.sort(key=lambda q: (q["name_hash"], q["kind"], q["reason"]))
     duplicates.sort(key=lambda d: (d["duplicate_of"], d["name_hash"]))
     return rows, quarantine, duplicates, counts
 
@@ -155,6 +158,9 @@ def _batch_summary(batch: dict[str, Any], plan: BatchPlan, counts: Counter[str],
         "internal_errors": counts["internal_errors"],
         "conservation": {"seen": seen, "ingested_plus_duplicates_plus_quarantined": out, "ok": seen == out},
     }
+    if seen == out:
+        summary[accounting.KEY] = accounting.block(
+            "files", seen, len(records), {**summary["quarantined_by_reason"], "duplicate": len(duplicates)})
     if seen != out:
         raise RuntimeError(f"batch {batch['batch_id']}: conservation violated: seen {seen} != {out} "
                            f"(ingested {len(records)} + duplicates {len(duplicates)} + quarantined {len(quarantine)})")

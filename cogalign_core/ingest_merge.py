@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogalign_core import contract, tables
+from cogalign_core import accounting, contract, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json
 from cogalign_core.near_duplicates import cluster_roots, hashes_from_hex
@@ -105,6 +105,9 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
         "near_duplicate_clusters": sizes.len(),
         "samples_in_multi_member_clusters": int(sizes.filter(sizes > 1).sum()),
         "quarantined_by_reason": _counts(quarantine.column("reason")),
+        accounting.KEY: accounting.block("samples", samples.num_rows + total["duplicates_across_batches"],
+                                         samples.num_rows,
+                                         {"duplicate_across_batches": total["duplicates_across_batches"]}),
     }
     atomic_write_json(ws / contract.INGEST_SUMMARY, summary)
     write_provenance(out, "ingest", ws, inputs, {"batches": list(params.batches),

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from cogalign_core import raw_layout, tables
-from cogalign_core.privacy import salted_hash
+from cogalign_core import raw_layout, tables, taxonomy
+from cogalign_core.privacy import redact_names, salted_hash
 from cogalign_core.raw_layout import (
     GROUP_COLUMNS,
     MANIFEST_BBOX_COLUMNS,
@@ -62,6 +62,7 @@ class ItemTask:
     mask_problem: tuple[str, str] | None = None  # (reason, detail) found while planning
     boxes: tuple[tuple[int, int, int, int], ...] | None = None
     boxes_frame: tuple[int, int] | None = None
+    labels: dict[str, str] | None = None  # taxonomy terms of a manifest row (win over the batch's labels)
 
 
 
@@ -72,13 +73,17 @@ class BatchPlan:
     tasks: list[ItemTask] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)  # entries and metadata rows
     counts: Counter[str] = field(default_factory=Counter)
+    names: dict[str, str] = field(default_factory=dict)  # name hash -> unit name (in memory only, never written)
 
 
-def _quarantine_row(batch_id: str, rel: str, salt: str, kind: str, reason: str, detail: str) -> dict[str, Any]:
+def _quarantine_row(batch_id: str, rel: str, salt: str, kind: str, reason: str, detail: str,
+                    *names: str | None) -> dict[str, Any]:
+    """A quarantine row: the unit's keyed name hash and the reason; names (``rel`` and ``names``) leave the
+    detail (original paths stay in the raw zone; ``cogalign quarantine`` resolves hashes locally)."""
     if reason not in tables.QUARANTINE_REASONS:
         raise ValueError(f"unknown quarantine reason {reason!r}")
-    return {"batch_id": batch_id, "rel_path": rel, "name_hash": salted_hash(rel, salt), "kind": kind,
-            "reason": reason, "detail": detail}
+    return {"batch_id": batch_id, "name_hash": salted_hash(rel, salt), "kind": kind, "reason": reason,
+            "detail": redact_names(detail, rel, *names)}
 
 
 
@@ -145,7 +150,9 @@ class _Planner:
 
     def reject(self, rel: str, kind: str, reason: str, detail: str, unit: str | None) -> None:
         """Quarantine a pre-decode unit; ``unit`` names the seen-counter it adds to (None: already counted)."""
-        self.plan.quarantine.append(_quarantine_row(self.batch_id, rel, self.salt, kind, reason, detail))
+        row = _quarantine_row(self.batch_id, rel, self.salt, kind, reason, detail)
+        self.plan.quarantine.append(row)
+        self.plan.names[row["name_hash"]] = rel
         if unit is not None:
             self.plan.counts[unit] += 1
 
@@ -321,6 +328,7 @@ class _Planner:
         mask_col = _column(header, MANIFEST_MASK_COLUMNS)
         bbox_col = _column(header, MANIFEST_BBOX_COLUMNS)
         group_col = _column(header, MANIFEST_GROUP_COLUMNS)
+        level_cols = [(level, header.index(level)) for level in raw_layout.MANIFEST_LEVEL_COLUMNS if level in header]
         referenced = {manifest_rel}
         for line, fields, error in rows:
             where = f"{manifest_rel}#L{line}"
@@ -354,20 +362,25 @@ class _Planner:
                 mask_raw = fields[mask_col].strip()
                 mask_rel = self._inside(mask_raw)
                 if mask_rel is None:
-                    mask_problem = ("mask_missing", f"{where}: mask path {mask_raw!r} leaves the manifest's folder")
+                    mask_problem = ("mask_missing", f"{where}: the mask path leaves the manifest's folder")
                 elif not (self.root / mask_rel).is_file():
                     mask_problem = ("mask_missing", f"{where}: {self._missing(mask_rel)[1]}")
                     mask_rel = None
                 else:
                     referenced.add(mask_rel)
             referenced.add(resolved)
+            try:
+                row_labels = taxonomy.validate_labels({level: fields[i] for level, i in level_cols})
+            except ValueError as exc:
+                self.reject(where, "manifest_row", "malformed_manifest_row", f"label: {exc}", None)
+                continue
             label = fields[label_col].strip() if label_col is not None else ""
             group = self.group_hash(dataset, header[group_col], fields[group_col]) if group_col is not None else None
             self.plan.tasks.append(ItemTask(
                 rel_path=resolved, image_file=str(self.root / resolved), name_hash=salted_hash(resolved, self.salt),
                 dataset=dataset, class_label=label or None, group_id_hash=group,
                 mask_rel=mask_rel, mask_file=str(self.root / mask_rel) if mask_rel else None,
-                mask_problem=mask_problem, boxes=boxes))
+                mask_problem=mask_problem, boxes=boxes, labels=row_labels or None))
         self.plan.counts["not_in_layout"] += sum(1 for r in _files_under(self.root, "") if r not in referenced)
 
     def _inside(self, raw: str) -> str | None:
@@ -427,4 +440,5 @@ def plan_batch(batch: dict[str, Any], files_root: Path, salt: str) -> BatchPlan:
     if batch["layout"] == "collection":
         inside = tuple(ds["path"] + "/" for ds in datasets)
         planner.plan.counts["not_in_layout"] += sum(1 for r in _files_under(files_root, "") if not r.startswith(inside))
+    planner.plan.names.update({t.name_hash: t.rel_path for t in planner.plan.tasks})
     return planner.plan

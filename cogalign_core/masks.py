@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import contract, io, reuse, tables, taxonomy
+from cogalign_core import accounting, contract, io, reuse, tables, taxonomy
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.masks import MaskParams
 from cogalign_core.executor import map_items
@@ -491,7 +491,10 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     summary = {"in": len(annotations), "out": len(rows), "accepted": counts["accepted"],
                "review": counts["review"], "no_lesion": counts["no_lesion"],
                "clinician_prompts": len(clinician), "sources": report["accepted_sources"],
-               "review_reasons": report["review_reasons"]}
+               "review_reasons": report["review_reasons"],
+               accounting.KEY: accounting.block(
+                   "samples", len(annotations), counts["accepted"] + counts["no_lesion"],
+                   Counter(f"review:{r['review_reason']}" for r in rows if r["status"] == "review"))}
     if summary["in"] != summary["accepted"] + summary["review"] + summary["no_lesion"]:
         raise AssertionError(f"mask stage lost samples: {summary}")
     io.atomic_write_json(out_dir / "summary.json", summary)

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from cogalign_core import contract
-from cogalign_core.fingerprint import code_fingerprint
 from cogalign_core.io import TMP_PREFIX, atomic_write_json, sha256_file
+from cogalign_core.stage import code_fingerprint
 
 TRACKED_PACKAGES: tuple[str, ...] = (
     "cogalign", "torch", "transformers", "trl", "peft", "segment-anything", "opencv-python-headless",
     "pillow", "pyarrow", "numpy",
 )
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = contract.PROVENANCE
 
 
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:

@@ -130,7 +130,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[str], batch_id: str,
-                   layout: str = "auto", role: str = "train", dataset: str | None = None) -> dict[str, Any]:
+                   layout: str = "auto", role: str = "train", dataset: str | None = None,
+                   labels: dict[str, str | None] | None = None) -> dict[str, Any]:
     """Copy SOURCE into ``raw_root/batch_id/files/`` and write ``batch.json``; return its content.
 
     Args:
@@ -142,6 +143,8 @@ def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[s
         role: ``train`` or ``test`` (a test batch always lands in the external test split).
         dataset: dataset id overriding the one derived from folder names (applies to every
             sub-dataset of a collection).
+        labels: taxonomy terms for every image of the batch (``diagnosis``, ``location``, ...), validated
+            against :mod:`taxonomy`; per-row manifest label columns win over them.
 
     The batch directory appears atomically (complete or not at all).
 
@@ -154,6 +157,7 @@ def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[s
         raise ValueError(f"invalid batch id {batch_id!r}: letters, digits, '_', '.', '-' (max 64)")
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    batch_labels = taxonomy.validate_labels(labels or {})
     if layout not in ("auto", *LAYOUTS):
         raise ValueError(f"layout must be auto or one of {LAYOUTS}, got {layout!r}")
     if not src.exists():
@@ -183,6 +187,7 @@ def register_batch(source: str | os.PathLike[str], raw_root: str | os.PathLike[s
             "role": role,
             "source_name": root.resolve().name,
             "datasets": datasets,
+            "labels": batch_labels,
             "entries": {"files": copied["files"], "bytes": copied["bytes"],
                         "escapes": len(copied["escapes"]), "unreadable": len(copied["unreadable"])},
             "escapes": copied["escapes"],

@@ -9,7 +9,8 @@ rules.
   (stem column :data:`STEM_COLUMNS`; optional :data:`GROUP_COLUMNS`, ``kvasir_sessile``).
 - ``classes``: ``<label>/<image>`` (every file under a label folder is an item of that label).
 - ``manifest``: a CSV (only when asked) with a path column and optional label/mask/bbox/group
-  columns (:data:`MANIFEST_PATH_COLUMNS` ...); paths are relative to the CSV's folder, the batch root.
+  columns (:data:`MANIFEST_PATH_COLUMNS` ...) and per-image taxonomy terms in columns named after the
+  levels (:data:`MANIFEST_LEVEL_COLUMNS`); paths are relative to the CSV's folder, the batch root.
 - ``collection``: a root whose sub-folders are each a ``seg`` or ``classes`` dataset (the bundled
   sample), registered as one batch with one dataset entry per sub-folder.
 """
@@ -41,6 +42,7 @@ MANIFEST_LABEL_COLUMNS = ("label", "class", "class_label")
 MANIFEST_MASK_COLUMNS = ("mask", "mask_path")
 MANIFEST_BBOX_COLUMNS = ("bbox", "boxes", "box")
 MANIFEST_GROUP_COLUMNS = ("group", "patient", "sequence", "patient_id", "group_id")
+MANIFEST_LEVEL_COLUMNS = ("location", "morphology", "microvascular", "diagnosis")  # = taxonomy.LEVELS (tested)
 # Every column whose value names a patient or sequence (forget matches a patient id through all of them).
 PATIENT_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(GROUP_COLUMNS + MANIFEST_GROUP_COLUMNS))
 _STEM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})

@@ -42,7 +42,7 @@ def sample_key(stage_salt: str, *parts: Any) -> str:
 
 def stage_salt(stage: str, params: Mapping[str, Any]) -> str:
     """What every sample's key of ``stage`` shares: the code fingerprint and the stage's params."""
-    from cogalign_core.fingerprint import code_fingerprint
+    from cogalign_core.stage import code_fingerprint
 
     return sample_key("", stage, code_fingerprint(stage), dict(params))
 

@@ -42,8 +42,9 @@ class ExecutionSettings(BaseSettings):
         8, ge=1, description="Images encoded together in one forward pass of the SAM image encoder.")
     generate_batch_size: int = Field(32, ge=1, description="Evaluation prompts per generate() call.")
     drop_warning_fraction: float = Field(
-        0.5, ge=0, le=1, description="`cogalign run` warns when a stage drops more than this share of its input "
-        "(and fails with --strict).")
+        0.75, ge=0, le=1, description="`cogalign run` warns when a stage drops more than this share of its input "
+        "(and fails with --strict). The counterfactual stage drops about half of the bundled sample's lesions by "
+        "design (on the border, too large, no room for a control), so the default sits above that.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from cogalign_core import __version__, fingerprint
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,18 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
+def code_fingerprint(stage: str, recipe: str | None = None) -> dict[str, object]:
+    """Deterministic fingerprint of the code a stage runs: package version, hashes of the modules it imports
+    and of the selected recipe's files (:mod:`cogalign_core.fingerprint`)."""
+    return {"stage": stage, "package_version": __version__,
+            "sources": fingerprint.source_hashes(STAGES[stage].entry, recipe)}
+
+
+def fingerprint_text(stage: str, recipe: str | None = None) -> str:
+    """The fingerprint as the exact text written to ``code/<stage>.json`` in a workspace."""
+    return json.dumps(code_fingerprint(stage, recipe), indent=2, sort_keys=True) + "\n"
+
+
 def run(stage: str, item: str | None = None, workspace: Path | None = None) -> None:
     """Load params and call the stage's entry function with only the params the stage declares."""
     from cogalign_core.config import load_params
@@ -62,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=None, help="with --fingerprint: the workspace's model.recipe")
     args = parser.parse_args(argv)
     if args.fingerprint:
-        from cogalign_core.fingerprint import fingerprint_text
-
         sys.stdout.write(fingerprint_text(args.stage, args.recipe))
         return 0
     run(args.stage, args.item)

@@ -55,12 +55,12 @@ SAMPLES = pa.schema([
     ("mask_area_fraction", pa.float32()),
     ("boxes", pa.list_(BOX)),            # source boxes (bboxes.json / manifest), pixel frame
     ("kvasir_sessile", pa.bool_()),
+    ("labels", pa.struct([(level, pa.string()) for level in taxonomy.LEVELS])),  # given at ingest, or null
 ])
 
 QUARANTINE = pa.schema([
     ("batch_id", enum()),
-    ("rel_path", pa.string()),           # original path relative to the raw batch root (patient zone)
-    ("name_hash", pa.string()),
+    ("name_hash", pa.string()),          # salted hash of the unit's name (`cogalign quarantine` shows the path)
     ("kind", enum()),                    # image | mask | manifest_row | entry
     ("reason", enum()),                  # see QUARANTINE_REASONS
     ("detail", pa.string()),
@@ -79,7 +79,7 @@ DUPLICATES = pa.schema([
 ])
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "external_test")
-PROVENANCE: tuple[str, ...] = ("dataset_label", "derived_from_mask", "clinician", "model")
+PROVENANCE: tuple[str, ...] = ("dataset_label", "ingest_label", "derived_from_mask", "clinician", "model")
 
 ANNOTATIONS = pa.schema(
     [

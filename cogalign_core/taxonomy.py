@@ -115,6 +115,38 @@ def normalise_term(term: str) -> str:
     return " ".join(term.strip().lower().split())
 
 
+# Short forms an operator may type for a term (`cogalign ingest --location colon`).
+TERM_ALIASES: dict[str, dict[str, str]] = {
+    "location": {"colon": "colon, segment unknown", "upper gi": "upper gi, site unknown"},
+}
+
+
+def canonical_term(level: str, raw: str) -> str | None:
+    """The vocabulary term ``raw`` names at ``level`` (normalised, aliases resolved), or None."""
+    term = normalise_term(raw)
+    term = TERM_ALIASES.get(level, {}).get(term, term)
+    return term if is_term(level, term) else None
+
+
+def validate_labels(labels: dict[str, str | None]) -> dict[str, str]:
+    """Explicit labels given at ingest, checked against the vocabulary (empty values dropped).
+
+    Raises:
+        ValueError: an unknown level or term; the message lists the level's terms.
+    """
+    out: dict[str, str] = {}
+    for level, raw in labels.items():
+        if raw is None or not str(raw).strip():
+            continue
+        if level not in VOCABULARY:
+            raise ValueError(f"unknown label level {level!r}; levels: {', '.join(LEVELS)}")
+        term = canonical_term(level, str(raw))
+        if term is None:
+            raise ValueError(f"{raw!r} is not a {level} term; terms: {', '.join(VOCABULARY[level])}")
+        out[level] = term
+    return {level: out[level] for level in LEVELS if level in out}
+
+
 def is_lesion_diagnosis(diagnosis: str) -> bool:
     """True when the diagnosis implies a visible finding (everything except ``normal``)."""
     return diagnosis != NORMAL

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogalign_core import imaging, ingest, ingest_merge, raw_batch, tables
+from cogalign_core import imaging, ingest, ingest_merge, ingest_plan, raw_batch, tables
 from cogalign_core.config import PipelineParams, PrivacyParams, dump_params
 
 PATIENT = "Jane Q. Doe MRN 00123456"
@@ -147,9 +147,12 @@ def bad_workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"ws": ws, "params": params}
     for b in params.batches:
         bdir = ws / ingest.BATCHES_DIR / b
+        # Tables hold only name hashes; the raw zone's own plan maps them back (as `cogalign quarantine` does).
+        names = ingest_plan.plan_batch(raw_batch.read_batch(raw, b), raw / b / raw_batch.FILES_DIR, "test-salt").names
         out[b] = {
             "records": tables.read_rows(bdir / "records.parquet", "samples"),
-            "quarantine": {q["rel_path"]: q for q in tables.read_rows(bdir / "quarantine.parquet", "quarantine")},
+            "quarantine": {names[q["name_hash"]]: q
+                           for q in tables.read_rows(bdir / "quarantine.parquet", "quarantine")},
             "duplicates": tables.read_rows(bdir / "duplicates.parquet", "duplicates"),
             "summary": json.loads((bdir / "summary.json").read_text()),
         }

@@ -18,6 +18,7 @@ from cogalign_core.config import PipelineParams
 from cogalign_core.config.evaluate import EvaluateParams
 from cogalign_core.counterfactual import COUNTERFACTUALS
 from cogalign_core.inpaint import OpenCVInpainter
+from cogalign_core.settings import env_name
 from cogalign_core.train.recipe import ARM_METHODS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -126,6 +127,7 @@ def test_evaluate_stage_outputs_are_complete_honest_and_deterministic(workspace:
     from cogalign_core import evaluate
 
     monkeypatch.chdir(workspace)
+    monkeypatch.setenv(env_name("generate_batch_size"), "8")  # an execution setting, not a param
     evaluate.run_stage(workspace, _params(), None)
     out = workspace / "data/evaluate"
     first = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

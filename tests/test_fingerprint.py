@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from cogalign_core import fingerprint
-from cogalign_core.stage import STAGES
+from cogalign_core.stage import STAGES, code_fingerprint
 
 PACKAGE_ROOT = Path(fingerprint.__file__).resolve().parent
 
 
 def _sources(stage: str, recipe: str | None = "tiny") -> set[str]:
-    return set(fingerprint.code_fingerprint(stage, recipe)["sources"])
+    return set(code_fingerprint(stage, recipe)["sources"])
 
 
 def test_closure_covers_every_module_an_entry_loads() -> None:
@@ -68,10 +68,10 @@ def test_masks_and_review_do_not_import_each_other() -> None:
 def test_editing_a_module_changes_exactly_the_stages_that_import_it(edited: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     target = PACKAGE_ROOT / edited
-    before = {s: fingerprint.code_fingerprint(s, "tiny") for s in STAGES}
+    before = {s: code_fingerprint(s, "tiny") for s in STAGES}
     real = fingerprint.read_source
     monkeypatch.setattr(fingerprint, "read_source", lambda p: real(p) + (b"\n# edit\n" if p == target else b""))
-    changed = {s for s in STAGES if fingerprint.code_fingerprint(s, "tiny") != before[s]}
+    changed = {s for s in STAGES if code_fingerprint(s, "tiny") != before[s]}
     name = "cogalign_core." + edited.removesuffix(".py").replace("/", ".")
     assert changed == {s for s in STAGES if name in fingerprint.stage_modules(STAGES[s].entry)}
     assert changed  # every one of these modules is used by some stage

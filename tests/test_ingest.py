@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,11 +82,35 @@ def test_stored_images_are_lossless_metadata_free_rgb(sample_ws: dict[str, Any])
             assert m.shape == (r["height"], r["width"]) and set(np.unique(m).tolist()) <= {0, 255}
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string inside a decoded table row or JSON document."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def test_privacy_no_source_names_or_ids_in_outputs(sample_ws: dict[str, Any]) -> None:
+    """Decoded column values of every ingest output (and the JSON files) hold no source file name or group id."""
     ws = sample_ws["ws"]
-    stem = sorted((SAMPLE / "kvasir-seg/images").iterdir())[0].stem
-    for f in ("samples.parquet", "summary.json", "duplicates.parquet"):
-        assert stem.encode() not in (ws / "data/ingest" / f).read_bytes()
+    values: list[str] = []
+    for path in sorted((ws / "data/ingest").rglob("*")):
+        if path.suffix == ".parquet":
+            values += _strings(tables.read_rows(path))
+        elif path.suffix == ".json":
+            values += _strings(json.loads(path.read_text()))
+    assert len(values) > 1000
+    # Stored files are named by content (<h2>/<sha256>): drop those names, then split what is left into tokens.
+    stored = re.compile(r"data/ingest/batches/b0001/(images|masks)/([0-9a-f]{2})/\2[0-9a-f]{62}\.(png|jpg)")
+    assert sum(1 for v in values if stored.fullmatch(v)) >= len(sample_ws["samples"])
+    tokens = {t for v in values for t in re.split(r"[^0-9A-Za-z_-]+", stored.sub("", v))}
+    stems = {p.stem for p in SAMPLE.rglob("*") if p.suffix in (".jpg", ".png")}
+    # Numeric CVC stems are short: match them as whole tokens, not inside hex digests; long ones anywhere.
+    assert sorted(stems & tokens) == []
+    assert [s for s in stems if len(s) >= 10 and any(s in v for v in values)] == []
 
 
 def test_rerun_is_byte_identical(sample_ws: dict[str, Any], tmp_path: Path) -> None:

@@ -30,12 +30,18 @@ def test_mask_stage_outputs_and_qc(tmp_path: Path) -> None:
     assert [r["sample_id"] for r in table] == sorted(r["sample_id"] for r in rows)
     by_status = {r["sample_id"]: r["status"] for r in table}
     assert sorted(by_status.values()) == ["accepted"] * 4 + ["no_lesion"]
+    gt_paths = {r["sample_id"]: r["mask_path"] for r in rows}
     for r in table:
         if r["status"] == "accepted":
-            assert r["source"] == "ground_truth" and r["dice_vs_gt"] == pytest.approx(1.0)
             m = np.asarray(Image.open(tmp_path / r["mask_path"]))
             assert set(np.unique(m)) <= {0, 255} and m.shape == (r["height"], r["width"])
-            assert {s["segmenter"] for s in r["segmenter_qc"]} == {"box_ellipse", "grabcut"}
+            gt = np.asarray(Image.open(tmp_path / gt_paths[r["sample_id"]]).convert("L")) > 0
+            assert r["source"] == "ground_truth" and np.array_equal(m > 0, gt)  # the stored mask is the GT, pixelwise
+            qc = {s["segmenter"]: s for s in r["segmenter_qc"]}
+            assert set(qc) == {"box_ellipse", "grabcut"}
+            # The QC segmenters are measured against the ground truth: real overlaps, never the GT with itself.
+            assert all(0 < qc[s]["dice_vs_gt"] < 0.999 for s in qc), qc
+            assert r["dice_vs_baseline"] == pytest.approx(qc["box_ellipse"]["dice_vs_gt"], abs=1e-4)
     prompt_sources = {r["dataset"]: r["prompt_source"] for r in table if r["status"] == "accepted"}
     assert prompt_sources == {"kvasir-seg": "dataset_box", "cvc-clinicdb": "gt_mask_box"}
     qc = json.loads((out / "qc.json").read_text())
@@ -102,9 +108,21 @@ def test_sam_in_the_stage_with_a_tiny_random_model(tmp_path: Path, monkeypatch: 
     _run(tmp_path, params)
     table = tables.read_rows(tmp_path / "data/masks/masks.parquet", "masks")
     assert len(table) == 3
+    review = {r["sample_id"]: r for r in tables.read_rows(tmp_path / "data/masks/review.parquet", "mask_review")}
     for r in table:
-        assert {s["segmenter"] for s in r["segmenter_qc"]} == {"sam", "box_ellipse"}
-        assert r["source"] == "sam" or r["status"] == "review"
+        qc = {s["segmenter"]: s for s in r["segmenter_qc"]}
+        assert set(qc) == {"sam", "box_ellipse"}
+        # sam made every candidate mask (ground truth is off), whatever QC then decided about it.
+        assert r["source"] == "sam" and r["mask_path"] and r["score"] == pytest.approx(qc["sam"]["score"])
+        m = np.asarray(Image.open(tmp_path / r["mask_path"]))
+        assert m.shape == (r["height"], r["width"]) and set(np.unique(m)) <= {0, 255}
+        assert r["area_fraction"] == pytest.approx((m > 0).mean(), abs=1e-6)
+        if r["status"] == "accepted":
+            assert r["review_reason"] is None and r["sample_id"] not in review
+        else:
+            assert r["status"] == "review" and review[r["sample_id"]]["reason"] == r["review_reason"]
+            assert r["review_reason"] in {"mask_empty", "mask_too_large", "mask_too_small", "too_many_components",
+                                          "low_sam_score", "low_prompt_agreement", "low_dice_vs_gt"}
     qc = json.loads((tmp_path / "data/masks/qc.json").read_text())
     assert qc["by_dataset"]["all"]["sam"]["n"] == 3  # measured against GT and the ellipse baseline
     assert qc["by_dataset"]["all"]["sam"]["mean_dice_vs_baseline"] is not None

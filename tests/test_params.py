@@ -75,6 +75,9 @@ def test_changing_execution_settings_reruns_nothing(spine_workspace: Path, tmp_p
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert ws.git("status", "--porcelain").stdout == ""  # the settings file is not versioned
     assert run_pipeline(ws.root, until="annotate").up_to_date
+    # An override no stage declares reruns nothing but is committed (params.yaml is the history of settings).
+    outcome = run_pipeline(ws.root, until="annotate", overrides={"registry.promotion.margin": "0.02"})
+    assert outcome.up_to_date and outcome.revision and ws.git("status", "--porcelain").stdout == ""
     apply_overrides(ws, {"ingest.min_side": "33"})  # a real param, by contrast, makes ingest stale
     assert not is_up_to_date(ws, "annotate")
 

@@ -38,13 +38,50 @@ def test_every_stage_output_exists_and_is_committed(full_workspace: Path) -> Non
 
 
 @pytest.mark.parametrize("stage", ["sft", "rl_no_cf", "rl"])
-def test_trained_models_reload_offline(full_workspace: Path, stage: str) -> None:
+def test_trained_models_reload_offline_with_their_weights_and_answers(full_workspace: Path, stage: str) -> None:
+    """The saved model reloads with exactly the saved tensors and answers the first evaluation batch as the
+    evaluate stage recorded (greedy decoding, same batch)."""
+    import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from cogalign_core import evaluate
+    from cogalign_core.settings import load_settings
+    from cogalign_core.train.base_model import canvas_spec
+    from cogalign_core.train.feature_cache import FeatureCache, cached_tower
+    from cogalign_core.train.infer import generate_answers
+    from cogalign_core.train.modeling import freeze_vision_tower
+    from cogalign_core.train.recipe import load_recipe
 
     model_dir = full_workspace / "data" / stage / "model"
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     assert model.config.model_type == "qwen3_vl" and processor.tokenizer is not None
+    saved: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        saved |= load_file(f)
+    loaded = {id(t): t for t in model.state_dict().values()}  # tied weights appear once
+    assert len(saved) == len(loaded) > 10
+    # Every loaded tensor is a saved one (names may be remapped on load): nothing was initialised afresh.
+    digests = sorted((tuple(t.shape), hash(t.float().numpy().tobytes())) for t in saved.values())
+    assert sorted((tuple(t.shape), hash(t.float().numpy().tobytes())) for t in loaded.values()) == digests
+
+    params = Workspace.open(full_workspace).params
+    recipe = load_recipe(params.model.recipe, evaluate.RECIPE_METHOD[stage])  # type: ignore[arg-type]
+    spec = canvas_spec(recipe)
+    annotations = tables.read_rows(full_workspace / "data/annotate/annotations.parquet")
+    cfs = tables.read_rows(full_workspace / "data/counterfactual/counterfactuals.parquet")
+    ep = params.evaluate
+    prompts, _ = evaluate.build_prompts(annotations, cfs, ep.max_samples_per_condition, ep.seed, spec)
+    prompts, images, _ = evaluate.load_prompt_images(prompts, full_workspace, spec, ep.blank_gray, ep.blank_side)
+    batch = load_settings(full_workspace).generate_batch_size
+    freeze_vision_tower(model)
+    with cached_tower(model, FeatureCache()):  # the tower path evaluate takes
+        answers = [a.strip() for a in generate_answers(model, processor, images[:batch], recipe.grounding,
+                                                       max_new_tokens=ep.max_new_tokens, batch_size=batch)]
+    recorded = [r["completion"] for r in tables.read_rows(full_workspace / "data/evaluate/predictions.parquet")
+                if r["model"] == stage][:batch]
+    assert answers == recorded
 
 
 def test_rerun_is_up_to_date(full_workspace: Path, tmp_path: Path) -> None:
@@ -101,10 +138,45 @@ def test_code_edits_make_exactly_their_importers_stale_and_unused_recipes_nothin
 
 
 def test_report_is_self_contained(full_workspace: Path) -> None:
-    html = (full_workspace / "data/evaluate/report.html").read_text()
-    assert "<table" in html and "data:image/png;base64," in html
-    for forbidden in ("http://", "https://", "//cdn"):
-        assert forbidden not in html
+    """Every resource the report loads is embedded: each src/href is a data: URI (or an in-page anchor), every
+    embedded image decodes, and no stylesheet pulls anything from outside."""
+    import base64
+    import io
+    import re
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    class Resources(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: list[tuple[str, str, str]] = []
+            self.css: list[str] = []
+            self._in_style = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self._in_style = tag == "style"
+            for name, value in attrs:
+                if name in ("src", "href", "srcset", "poster", "data", "action", "xlink:href") and value:
+                    self.refs.append((tag, name, value))
+                elif name == "style" and value:
+                    self.css.append(value)
+
+        def handle_data(self, data: str) -> None:
+            if self._in_style:
+                self.css.append(data)
+
+    parser = Resources()
+    parser.feed((full_workspace / "data/evaluate/report.html").read_text())
+    assert parser.refs and any(tag == "img" for tag, _, _ in parser.refs)
+    assert [r for r in parser.refs if not r[2].startswith(("data:", "#"))] == []
+    for tag, _, value in parser.refs:
+        if tag == "img":
+            header, payload = value.split(",", 1)
+            assert header in ("data:image/png;base64", "data:image/jpeg;base64")
+            Image.open(io.BytesIO(base64.b64decode(payload))).verify()
+    css = "\n".join(parser.css)
+    assert "@import" not in css and not re.search(r"url\(\s*['\"]?(?!data:)", css)
 
 
 def test_metrics_carry_intervals_and_baselines(full_workspace: Path) -> None:
@@ -144,6 +216,29 @@ def test_rl_lineage_lists_train_raw_files_and_no_test_file(full_workspace: Path)
     test_files = set(lin.artifact_lineage(ws, "data/evaluate/metrics.json")["raw_files"]["test"])
     assert test_files and not (test_files & set(train_files))
     assert "flowchart" in lin.to_mermaid(record)
+
+
+def test_lineage_finds_the_workspace_from_a_path_inside_it(full_workspace: Path, tmp_path: Path) -> None:
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from cogalign.cli import app
+
+    def lineage(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["lineage", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    with contextlib.chdir(tmp_path):  # outside the workspace: the path names it
+        assert lineage(str(full_workspace / "data/rl/model"))["stage"] == "rl"
+    with contextlib.chdir(full_workspace / "data" / "sft"):  # inside it: relative paths and sample ids
+        assert lineage("model")["stage"] == "sft"
+        sid = tables.read_rows(full_workspace / "data/ingest/samples.parquet")[0]["sample_id"]
+        assert lineage(sid)["kind"] == "sample"
+    with contextlib.chdir(tmp_path):
+        result = CliRunner().invoke(app, ["lineage", "data/rl/model"])
+        assert result.exit_code == 2 and "not inside a cogalign workspace" in result.output
 
 
 def test_counterfactual_lineage_reaches_its_raw_image(full_workspace: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cogalign_core import ingest, raw_batch, raw_layout
+from cogalign_core import ingest_plan, raw_batch, raw_layout
 
 SALT = "layout-salt-" + "0" * 32
 
@@ -34,7 +34,7 @@ def _seg_source(root: Path) -> Path:
 def test_ingest_and_forget_pair_the_same_masks(tmp_path: Path) -> None:
     batch = raw_batch.register_batch(_seg_source(tmp_path / "src"), tmp_path / "raw", "b0001", layout="seg")
     files = tmp_path / "raw" / "b0001" / raw_batch.FILES_DIR
-    plan = ingest.plan_batch(batch, files, SALT)
+    plan = ingest_plan.plan_batch(batch, files, SALT)
     assert len(plan.tasks) == 3
     for task in plan.tasks:
         assert raw_layout.companions(batch, files, task.rel_path) == [task.mask_rel]

@@ -17,6 +17,7 @@ mean, the fraction of zero-variance groups, KL, completion length), ``summary.js
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from cogalign_core import contract
+from cogalign_core import accounting, contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
@@ -107,12 +108,15 @@ def grpo_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
     counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(real),
                               "excluded_datasets": list(model_params.train_exclude_datasets)}
     cf: list[dict[str, Any]] = []
+    offered, skipped = len(real), Counter[str]()
     if g.use_counterfactuals:
         cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
+        offered += len(cf_rows)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
         counts.update({"counterfactual_rows": len(cf_rows), "counterfactual_train": len(cf),
                        "counterfactual_skipped": dict(sorted(skipped.items()))})
     pool = real + cf
+    counts[accounting.KEY] = accounting.block("train rows", offered, len(pool), skipped)
     if not pool:
         raise data.DataError("no train examples for GRPO")
     balanced = data.balance_groups(real, cf, g.normal_fraction, recipe.train.seed, g.max_prompts)

@@ -19,6 +19,7 @@ grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from cogalign_core import contract
+from cogalign_core import accounting, contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
@@ -105,12 +106,15 @@ def sft_examples(workspace: Path, recipe: Recipe, model_params: ModelParams
     counts: dict[str, Any] = {"annotation_rows": len(annotations), "real_train": len(real),
                               "excluded_datasets": list(model_params.train_exclude_datasets)}
     cf: list[dict[str, Any]] = []
+    offered, skipped = len(real), Counter[str]()
     if recipe.sft.include_counterfactuals:
         cf_rows = data.load_counterfactuals(workspace, ["train"], model_params.train_exclude_datasets)
         cf, skipped = data.counterfactual_examples(cf_rows, annotations, ["train"], spec, recipe.grounding)
+        offered += len(cf_rows)
         counts["counterfactual_train"] = len(cf)
         counts["counterfactual_skipped"] = dict(sorted(skipped.items()))
     pool = real + cf
+    counts[accounting.KEY] = accounting.block("train rows", offered, len(pool), skipped)
     if not pool:
         raise data.DataError("no train examples for SFT (is the train split empty?)")
     train = (data.balance_groups(real, cf, recipe.sft.normal_fraction, recipe.train.seed)
