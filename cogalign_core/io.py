@@ -114,6 +114,43 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_update(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a staging copy of folder ``path`` that replaces it as a whole on success (:func:`atomic_dir`).
+
+    The copy is made of hard links (a plain copy where links are impossible), so an incremental
+    stage keeps and reuses its earlier files at the cost of a link each, while readers of ``path``
+    see the previous output, whole, until the swap. Writers must replace files (``atomic_*``,
+    content-addressed stores), never modify one in place: a hard link shares its content.
+    """
+    final = Path(path)
+    with atomic_dir(final) as staging:
+        if final.is_dir():
+            _link_tree(final, staging)
+        yield staging
+
+
+def staged_path(workspace: Path, staging: Path, folder: str | os.PathLike[str], published: str) -> str:
+    """Where ``published`` (a workspace-relative path under ``folder``) lies inside ``staging``, the
+    staging copy of ``folder``, as a workspace-relative path (for :func:`prune_unreferenced`)."""
+    return (staging / Path(published).relative_to(folder)).relative_to(workspace).as_posix()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Recreate ``src``'s folders under ``dst`` and hard-link its files there (temps left out)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(exist_ok=True)
+        for name in filenames:
+            if name.startswith(TMP_PREFIX):
+                continue
+            try:
+                os.link(Path(dirpath) / name, target / name)
+            except OSError:  # another file system, or a link limit: copy instead
+                shutil.copy2(Path(dirpath) / name, target / name)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically (``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
