@@ -89,13 +89,25 @@ def _read_rows(ws: Workspace, rev: str) -> list[dict[str, Any]]:
 
 
 def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_sources: Sequence[str] = (),
-              jobs: int = 1, n_resamples: int = 1000) -> Path:
-    """Run the study and return the folder holding ``study.json`` and ``study.md``."""
-    from cogalign.runner import run_pipeline
+              jobs: int = 1, n_resamples: int = 1000, wait: bool = False) -> Path:
+    """Run the study and return the folder holding ``study.json`` and ``study.md``.
+
+    Holds the workspace lock throughout (``wait``: wait for another command instead of refusing):
+    the experiments start from the committed baseline, which nothing else may move meanwhile.
+    """
+    from cogalign.runner import workspace_lock
 
     if seeds < 1:
         raise WorkspaceError("--seeds must be at least 1")
     ws = Workspace.open(workspace)
+    with workspace_lock(ws, wait=wait):
+        return _run_study_locked(ws, seeds, name, cross_sources, jobs, n_resamples)
+
+
+def _run_study_locked(ws: Workspace, seeds: int, name: str | None, cross_sources: Sequence[str], jobs: int,
+                      n_resamples: int) -> Path:
+    from cogalign.runner import run_pipeline
+
     study = name or time.strftime("study-%Y%m%d-%H%M%S")
     start = time.perf_counter()
     run_pipeline(ws.root)  # the baseline every experiment starts from, committed
