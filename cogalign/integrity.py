@@ -108,7 +108,9 @@ def tracked_outputs(ws: Workspace) -> tuple[list[_Tracked], Any]:
             if not out.use_cache or out.hash_info is None or not out.hash_info.value:
                 continue  # never run yet, or not cached (metrics with cache: false)
             rel = Path(out.fs_path).relative_to(ws.root).as_posix()
-            tracked.append(_Tracked(out.stage.addressing, rel, out.hash_info.value))
+            stage_file = Path(out.stage.path)  # dvc.yaml, or a raw batch's .dvc file
+            owner = out.stage.name if stage_file.name == "dvc.yaml" else stage_file.relative_to(ws.root).as_posix()
+            tracked.append(_Tracked(owner, rel, out.hash_info.value))
         return sorted(tracked, key=lambda t: t.path), repo.cache.local
 
 

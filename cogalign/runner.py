@@ -80,10 +80,11 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
                  overrides: dict[str, str] | None = None, push: bool = False) -> RunOutcome:
     """Run the pipeline once; see :func:`cogalign.flows.pipeline.end_to_end`."""
     ws = Workspace.open(workspace)
-    if not ws.params.batches:
-        raise WorkspaceError(f"{ws.root} has no raw batch yet: `cogalign ingest SOURCE --workspace {workspace}`")
     start = time.perf_counter()
     with workspace_lock(ws, wait=wait):
+        # Checked under the lock: an ingest in progress may be registering the first batch.
+        if not ws.params.batches:
+            raise WorkspaceError(f"{ws.root} has no raw batch yet: `cogalign ingest SOURCE --workspace {workspace}`")
         cleaned = clean_after_kill(ws)
         check_integrity(ws)
         if overrides:

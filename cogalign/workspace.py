@@ -144,11 +144,23 @@ class Workspace:
         return out.stdout.strip() if out.returncode == 0 else None
 
 
+class CommandFailed(WorkspaceError):
+    """A git or DVC child process failed; the message carries its first error line, ``output`` all of it."""
+
+    def __init__(self, cmd: list[str], cwd: Path, returncode: int, output: str) -> None:
+        self.cmd, self.returncode, self.output = cmd, returncode, output
+        shown = ["dvc", *cmd[3:]] if cmd[:3] == [sys.executable, "-m", "dvc"] else cmd
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")]
+        cause = errors[0] if errors else (lines[-1] if lines else "no output")
+        more = f" (+{len(errors) - 1} more errors; run it in {cwd} to see them)" if len(errors) > 1 else ""
+        super().__init__(f"`{shlex.join(shown)}` failed in {cwd} (exit {returncode}): {cause}{more}")
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
-        raise WorkspaceError(f"`{' '.join(cmd[-3:] if cmd[0] == sys.executable else cmd)}` failed in {cwd} "
-                             f"(exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise CommandFailed(cmd, cwd, proc.returncode, proc.stderr.strip() or proc.stdout.strip())
     return proc
 
 
@@ -378,7 +390,7 @@ def withdraw(ws: Workspace, batch_id: str, wait: bool = False) -> None:
             raise WorkspaceError(f"{batch_id} is not a registered batch of {ws.root} "
                                  f"(batches: {', '.join(params.batches) or 'none'})")
         if dvc_file.exists():
-            ws.dvc("remove", "-q", "--outs", dvc_file.relative_to(ws.root).as_posix())
+            ws.dvc("remove", "--outs", dvc_file.relative_to(ws.root).as_posix())
         shutil.rmtree(raw_root / batch_id, ignore_errors=True)
         shutil.rmtree(ws.root / contract.ingest_batch(batch_id), ignore_errors=True)
         params.batches = [b for b in params.batches if b != batch_id]
@@ -397,9 +409,13 @@ def withdraw(ws: Workspace, batch_id: str, wait: bool = False) -> None:
 def track_raw_batch(ws: Workspace, batch_id: str, push_allowed: bool) -> None:
     """``dvc add`` a raw batch, relinked from the cache, with its push flag set (patient-data zone)."""
     rel = contract.raw_batch(batch_id)
-    ws.dvc("add", "-q", rel)
+    # Not -q: DVC's error lines are what a failure message shows. `dvc add` exits 0 even when
+    # objects failed to reach the cache (a full cache disk), so any ERROR line fails it here.
+    added = ws.dvc("add", rel)
+    if any(line.startswith("ERROR") for line in added.stderr.splitlines()):
+        raise CommandFailed(added.args, ws.root, added.returncode, added.stderr)
     # `dvc add` leaves a copy in place; relink so the batch is stored once (cache.type links).
-    ws.dvc("checkout", "-q", "--relink", f"{rel}.dvc")
+    ws.dvc("checkout", "--relink", f"{rel}.dvc")
     set_raw_push(ws.root / f"{rel}.dvc", push_allowed)
 
 

@@ -232,11 +232,13 @@ def remove_stale_temps(root: str | os.PathLike[str]) -> list[Path]:
     base = Path(root)
     if not base.exists():
         return removed
-    for p in sorted(base.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts), reverse=True):
-        if temp_owner_alive(p) or any(q in removed for q in p.parents):
+    gone: set[Path] = set()
+    for p in sorted(base.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts)):  # outermost first
+        if any(q in gone for q in p.parents) or temp_owner_alive(p):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
+            gone.add(p)
         else:
             p.unlink(missing_ok=True)
         removed.append(p)
