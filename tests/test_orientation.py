@@ -62,7 +62,6 @@ def rotated_batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
         displayed_masks[name] = np.asarray(mask) > 127
     ws = tmp_path_factory.mktemp("ws")
     params = PipelineParams(batches=["b0001"], privacy=PrivacyParams(salt="orientation-test"))
-    params.ingest.workers = 1
     (ws / "params.yaml").write_text(dump_params(params))
     raw_batch.register_batch(src, ws / "data/raw", "b0001")
     ingest.run_batch_stage(ws, params, "b0001")
