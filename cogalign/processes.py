@@ -50,9 +50,13 @@ class _StageLog:
         self.is_file = stat.S_ISREG(st.st_mode) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
         if self.is_file:
             self.start = os.lseek(fd, 0, os.SEEK_CUR)
-            with contextlib.suppress(OSError):  # no space even for the reserve: write what we can
-                os.posix_fallocate(fd, self.start, LOG_RESERVE)
-                self.reserved_end = self.start + LOG_RESERVE
+            for size in (LOG_RESERVE, LOG_TAIL + 1024):  # a smaller reserve on a nearly full disk
+                try:
+                    os.posix_fallocate(fd, self.start, size)
+                except OSError:
+                    continue
+                self.reserved_end = self.start + size
+                break
 
     def write(self, data: bytes) -> None:
         self.tail += data

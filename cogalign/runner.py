@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError, workspace_lock
+from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError, os_error_text, workspace_lock
 from cogalign_core import contract
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
@@ -95,7 +95,10 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
 
-        result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
+        try:
+            result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
+        except OSError as exc:  # a full or read-only disk under the run itself (logs, pid file, state)
+            raise WorkspaceError(f"the run on {ws.root} stopped, nothing was committed: {os_error_text(exc)}") from exc
         run_id = str(result["flow_run_id"])
         revision = None
         if commit:
