@@ -8,25 +8,44 @@ function of ``cogalign``/``cogalign_core`` and prints the result, so splitting i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(help="CogAlign pipeline: ingest -> annotate -> masks -> counterfactual -> SFT -> RL -> evaluate.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+class _App(typer.Typer):
+    """The command line; an operating-system error (read-only or full disk, permissions) that no
+    command anticipated still ends with one line saying what and where, never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except OSError as exc:
+            from cogalign.workspace import os_error_text
+
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(os_error_text(exc))}", soft_wrap=True)
+            sys.exit(2)
+
+
+app = _App(help="CogAlign pipeline: ingest -> annotate -> masks -> counterfactual -> SFT -> RL -> evaluate.",
+           no_args_is_help=True, pretty_exceptions_show_locals=False)
 review_app = typer.Typer(help="Clinician review round trip for masks and prompts.", no_args_is_help=True)
 app.add_typer(review_app, name="review")
 console = Console()
 err = Console(stderr=True)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory.")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="Wait for another command holding the workspace lock instead of refusing (exit 2).")]
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # unwrapped: log paths stay copyable
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # unwrapped: log paths stay copyable
     raise typer.Exit(2)
 
 
@@ -56,7 +75,7 @@ def init(path: Annotated[Path, typer.Argument(help="New workspace directory.")],
 
 
 @app.command()
-def ingest(source: Annotated[Path, typer.Argument(help="Folder of raw endoscopy images.")],
+def ingest(source: Annotated[Path | None, typer.Argument(help="Folder of raw endoscopy images.")] = None,
            workspace: WorkspaceOpt = Path("."),
            layout: Annotated[str, typer.Option(help="auto | seg | classes | manifest | collection")] = "auto",
            role: Annotated[str, typer.Option(help="train | test (test batches are never trained on)")] = "train",
@@ -66,18 +85,27 @@ def ingest(source: Annotated[Path, typer.Argument(help="Folder of raw endoscopy 
                "the dataset is not one the taxonomy knows.")] = None,
            location: Annotated[str | None, typer.Option(help="Anatomical location term (e.g. colon, cecum).")] = None,
            morphology: Annotated[str | None, typer.Option(help="Morphology term (e.g. 'paris 0-is').")] = None,
-           microvascular: Annotated[str | None, typer.Option(help="Microvascular term (e.g. 'nice 2').")] = None
-           ) -> None:
-    """Register SOURCE as a new raw batch (DVC-tracked, never pushed unless configured).
+           microvascular: Annotated[str | None, typer.Option(help="Microvascular term (e.g. 'nice 2').")] = None,
+           remove: Annotated[str | None, typer.Option(
+               "--remove", help="Withdraw this registered batch (e.g. b0002) instead of registering one.")] = None,
+           wait: WaitOpt = False) -> None:
+    """Register SOURCE as a new raw batch (DVC-tracked, never pushed unless configured), or withdraw one.
 
     Labels given here apply to every image of the batch (a manifest's diagnosis/location/morphology/
     microvascular columns give them per image and win); they are checked against the taxonomy now.
     """
-    from cogalign.workspace import Workspace, WorkspaceError, register
+    from cogalign.workspace import Workspace, WorkspaceError, register, withdraw
 
+    if (source is None) == (remove is None):
+        _fail(ValueError("give either SOURCE (register a batch) or --remove BATCH (withdraw one)"))
     labels = {"diagnosis": diagnosis, "location": location, "morphology": morphology, "microvascular": microvascular}
     try:
-        batch = register(Workspace.open(workspace), source, layout=layout, role=role, dataset=dataset, labels=labels)
+        ws = Workspace.open(workspace)
+        if remove is not None:
+            withdraw(ws, remove, wait=wait)
+            console.print(f"withdrew raw batch [bold]{remove}[/]; `cogalign run` rebuilds what it fed")
+            return
+        batch = register(ws, source, layout=layout, role=role, dataset=dataset, labels=labels, wait=wait)
     except WorkspaceError as exc:
         _fail(exc)
     console.print(f"registered raw batch [bold]{batch}[/] ({role}); `cogalign run` processes it")
@@ -99,7 +127,7 @@ def run(workspace: WorkspaceOpt = Path("."),
         from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and everything after.")] = None,
         force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False,
         no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False,
-        wait: Annotated[bool, typer.Option(help="Wait for another run on this workspace instead of refusing.")] = False,
+        wait: WaitOpt = False,
         push: Annotated[bool, typer.Option(help="dvc push after a successful run (data/raw only if "
                                                 "privacy.push_raw).")] = False,
         strict: Annotated[bool, typer.Option(help="Exit with an error when the run ends with a warning (a batch "
@@ -130,7 +158,7 @@ def run(workspace: WorkspaceOpt = Path("."),
         for line in outcome.report.lines:
             console.print(line, soft_wrap=True, highlight=False)
         console.print(f"flow run [bold]{outcome.flow_run_id}[/] finished in {outcome.seconds:.0f}s; "
-                      f"revision {outcome.revision or '(not committed)'}")
+                      f"revision {outcome.revision or '(no commit)'}")
     for warning in outcome.report.warnings:
         err.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     if strict and outcome.report.warnings:
@@ -155,31 +183,73 @@ def serve(workspace: WorkspaceOpt = Path("."),
 
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
-    """Show which stages are stale and why (DVC's view, after refreshing code fingerprints)."""
+    """Show which stages are stale and why (DVC's view, after refreshing code fingerprints), and any
+    cache object that no longer matches dvc.lock (exit 1)."""
+    from cogalign.integrity import verify
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
         ws = Workspace.open(workspace)
         changed_code = ws.update_fingerprints()
         out = json.loads(ws.dvc("status", "--json").stdout or "{}")
+        integrity = verify(ws)
     except WorkspaceError as exc:
         _fail(exc)
     if changed_code:
         console.print(f"code changed for: {', '.join(changed_code)}")
+    if out:
+        table = Table("stage", "why")
+        for stage, changes in out.items():
+            reasons = []
+            for change in changes:
+                if isinstance(change, dict):
+                    for kind, detail in change.items():
+                        reasons.append(f"{kind}: {json.dumps(detail)}")
+                else:
+                    reasons.append(str(change))
+            table.add_row(stage, "\n".join(reasons))
+        console.print(table)
+    if integrity.corrupt:
+        err.print(f"[bold red]error:[/] {len(integrity.corrupt)} corrupted cache object(s):\n"
+                  + escape(integrity.summary(integrity.corrupt)), soft_wrap=True)
+        raise typer.Exit(1)
     if not out:
         console.print("[green]up to date[/]")
-        return
-    table = Table("stage", "why")
-    for stage, changes in out.items():
-        reasons = []
-        for change in changes:
-            if isinstance(change, dict):
-                for kind, detail in change.items():
-                    reasons.append(f"{kind}: {json.dumps(detail)}")
-            else:
-                reasons.append(str(change))
-        table.add_row(stage, "\n".join(reasons))
-    console.print(table)
+
+
+@app.command()
+def verify(workspace: WorkspaceOpt = Path("."),
+           full: Annotated[bool, typer.Option(
+               "--full", help="Re-hash every cache object and workspace copy (finds silent bit rot too).")] = False,
+           repair: Annotated[bool, typer.Option(
+               "--repair", help="Remove corrupted cache objects and the workspace copies made from them, so the "
+               "next run rebuilds them.")] = False,
+           wait: WaitOpt = False) -> None:
+    """Re-hash the workspace's DVC data against dvc.lock; exit 1 naming every file that does not match."""
+    import contextlib
+
+    from cogalign.integrity import repair as repair_objects
+    from cogalign.integrity import verify as verify_workspace
+    from cogalign.workspace import Workspace, WorkspaceError, workspace_lock
+
+    try:
+        ws = Workspace.open(workspace)
+        with workspace_lock(ws, wait=wait) if repair else contextlib.nullcontext():
+            report = verify_workspace(ws, full=full)
+            removed = repair_objects(ws, report) if repair else []
+    except WorkspaceError as exc:
+        _fail(exc)
+    console.print(f"checked {report.objects} cache objects ({report.objects_hashed} re-hashed)"
+                  + (f" and {report.workspace_files} workspace files" if full else "")
+                  + f" in {report.seconds:.1f}s")
+    if removed:
+        console.print(f"removed {len(removed)} corrupted file(s): {', '.join(removed)}; `cogalign run` rebuilds "
+                      "stage outputs")
+    if not report.ok:
+        err.print(f"[bold red]error:[/] {len(report.problems)} problem(s):\n" + escape(report.summary(limit=1000)),
+                  soft_wrap=True)
+        raise typer.Exit(1)
+    console.print("[green]ok[/]: every tracked file matches dvc.lock")
 
 
 @app.command()
@@ -289,14 +359,18 @@ def review_export(out: Annotated[Path, typer.Argument(help="Task file to write (
 
 @review_app.command("import")
 def review_import(file: Annotated[Path, typer.Argument(help="Completed task file (.csv or .json).")],
-                  workspace: WorkspaceOpt = Path(".")) -> None:
+                  workspace: WorkspaceOpt = Path("."), wait: WaitOpt = False) -> None:
     """Bring back clinician boxes/points/masks; the next run reruns only those samples."""
-    from cogalign.workspace import Workspace
+    from cogalign.workspace import Workspace, WorkspaceError, workspace_lock
     from cogalign_core import contract, review
 
-    ws = Workspace.open(workspace)
-    n = review.import_review(ws.root, file)
-    ws.commit(f"review import: {n} clinician prompts", [contract.REVIEW])
+    try:
+        ws = Workspace.open(workspace)
+        with workspace_lock(ws, wait=wait):
+            n = review.import_review(ws.root, file)
+            ws.commit(f"review import: {n} clinician prompts", [contract.REVIEW])
+    except WorkspaceError as exc:
+        _fail(exc)
     console.print(f"imported {n} clinician prompts; `cogalign run` picks them up")
 
 
@@ -341,8 +415,8 @@ def retrain(drop: Annotated[Path, typer.Option("--drop", help="Drop folder where
 def forget(sample_id: Annotated[str | None, typer.Argument(help="Sample id to remove (`cogalign lineage`).")] = None,
            patient: Annotated[str | None, typer.Option(help="Remove every sample of this patient/sequence id.")] = None,
            workspace: WorkspaceOpt = Path("."),
-           no_rerun: Annotated[bool, typer.Option("--no-rerun", help="Do not rerun the pipeline now.")] = False
-           ) -> None:
+           no_rerun: Annotated[bool, typer.Option("--no-rerun", help="Do not rerun the pipeline now.")] = False,
+           wait: WaitOpt = False) -> None:
     """Remove a sample (or a patient's samples) and everything derived from it; collect the DVC cache."""
     from cogalign.forget import forget as forget_samples
     from cogalign.processes import StageFailed
@@ -351,7 +425,7 @@ def forget(sample_id: Annotated[str | None, typer.Argument(help="Sample id to re
 
     try:
         prepare_prefect_env(Workspace.open(workspace))
-        out = forget_samples(workspace, sample_id=sample_id, patient=patient, rerun=not no_rerun)
+        out = forget_samples(workspace, sample_id=sample_id, patient=patient, rerun=not no_rerun, wait=wait)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     console.print(f"forgot {out.samples} sample(s): {out.raw_files} raw file(s), {out.derived_images} derived "
@@ -365,21 +439,22 @@ def evaluate(workspace: WorkspaceOpt = Path("."),
                  "--test-source", help="Folder the workspace has never seen: registered as a test-role batch, "
                  "validated like any other, never trained on, reported in its own section.")] = None,
              layout: Annotated[str, typer.Option(help="Layout of --test-source.")] = "auto",
-             no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False
-             ) -> None:
+             no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not record a git commit.")] = False,
+             wait: WaitOpt = False) -> None:
     """Evaluate the trained models (optionally on a new external test folder) and refresh the report."""
     from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
-    from cogalign.workspace import Workspace, WorkspaceError, register
+    from cogalign.workspace import Workspace, WorkspaceError, register, workspace_lock
     from cogalign_core import contract
     from cogalign_core.train.recipe import ARM_METHODS
 
     try:
         ws = Workspace.open(workspace)
-        if test_source is not None:
-            batch = register(ws, test_source, layout=layout, role="test")
-            console.print(f"registered {test_source} as external test batch [bold]{batch}[/]")
-        outcome = run_pipeline(ws.root, until="evaluate", commit=not no_commit)
+        with workspace_lock(ws, wait=wait):  # the new batch and the run that evaluates it, as one
+            if test_source is not None:
+                batch = register(ws, test_source, layout=layout, role="test")
+                console.print(f"registered {test_source} as external test batch [bold]{batch}[/]")
+            outcome = run_pipeline(ws.root, until="evaluate", commit=not no_commit)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     report = ws.root / contract.REPORT
@@ -397,7 +472,8 @@ def study(workspace: WorkspaceOpt = Path("."),
               "kvasir-seg); its test rows are the cross-source result. Repeatable.")] = None,
           set_: Annotated[list[str] | None, typer.Option(
               "--set", "-S", help="Parameter override for every experiment, key.path=value (e.g. "
-              "model.rl_max_steps=200); recorded in the table.")] = None) -> None:
+              "model.rl_max_steps=200); recorded in the table.")] = None,
+          wait: WaitOpt = False) -> None:
     """Train every arm for N seeds as recorded DVC experiments and write one table (studies/<name>/).
 
     Experiments run one after another; the same command with the same --name resumes an interrupted study.
@@ -410,7 +486,7 @@ def study(workspace: WorkspaceOpt = Path("."),
     try:
         prepare_prefect_env(Workspace.open(workspace))
         _parse_overrides(set_)  # the same key=value check as `cogalign run -S`
-        out = run_study(workspace, seeds, name, cross_source or [], overrides=set_ or [])
+        out = run_study(workspace, seeds, name, cross_source or [], overrides=set_ or [], wait=wait)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)
     console.print((out / "study.md").read_text())

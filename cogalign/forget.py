@@ -1,6 +1,6 @@
 """``cogalign forget``: remove a sample (or every sample of a patient) and everything derived from it.
 
-Steps, all under the workspace lock except the rerun (which takes it itself):
+Steps, all under one hold of the workspace lock (the rerun included):
 
 1. resolve the targets in ``data/ingest/samples.parquet`` (a sample id, or every sample whose
    salted group hash matches ``--patient``), plus every raw file whose pixels are identical
@@ -211,38 +211,46 @@ def _cache_object_count(ws: Workspace) -> int:
 
 
 def forget(workspace: str | os.PathLike[str], sample_id: str | None = None, patient: str | None = None,
-           rerun: bool = True) -> ForgetOutcome:
-    """Forget one sample or one patient's samples (module docstring). Returns counts only."""
+           rerun: bool = True, wait: bool = True) -> ForgetOutcome:
+    """Forget one sample or one patient's samples (module docstring). Returns counts only.
+
+    Holds the workspace lock from the first removal to the forget record, rerun included, so no
+    other command sees (or commits) a half-forgotten workspace. ``wait``: wait for another
+    command holding the lock instead of refusing.
+    """
     ws = Workspace.open(workspace)
-    with workspace_lock(ws, wait=True):
-        targets = resolve_samples(ws, sample_id, patient)
-        ids = {t["sample_id"] for t in targets}
-        derived = _derived_ids(ws, ids)
-        per_batch = _raw_files(ws, targets)
-        n_raw, digests = _remove_raw(ws, per_batch)
-        clinician_rows = _drop_clinician_rows(ws, ids)
-        _drop_registry_rows(ws, ids | derived)
-        # The ledger forgets the content; the block list (keyed digests only) keeps it out of future batches.
-        ledger = read_ledger(ws)
-        gone = set(digests)
-        if gone & ledger.keys():
-            write_ledger(ws, {k: v for k, v in ledger.items() if k not in gone})
-        ws.commit(f"forget: {len(targets)} sample(s), {n_raw} raw file(s) removed")
+    with workspace_lock(ws, wait=wait):
+        return _forget_locked(ws, sample_id, patient, rerun)
+
+
+def _forget_locked(ws: Workspace, sample_id: str | None, patient: str | None, rerun: bool) -> ForgetOutcome:
+    targets = resolve_samples(ws, sample_id, patient)
+    ids = {t["sample_id"] for t in targets}
+    derived = _derived_ids(ws, ids)
+    per_batch = _raw_files(ws, targets)
+    n_raw, digests = _remove_raw(ws, per_batch)
+    clinician_rows = _drop_clinician_rows(ws, ids)
+    _drop_registry_rows(ws, ids | derived)
+    # The ledger forgets the content; the block list (keyed digests only) keeps it out of future batches.
+    ledger = read_ledger(ws)
+    gone = set(digests)
+    if gone & ledger.keys():
+        write_ledger(ws, {k: v for k, v in ledger.items() if k not in gone})
+    ws.commit(f"forget: {len(targets)} sample(s), {n_raw} raw file(s) removed")
     until = _last_locked_stage(ws)
     run = run_pipeline(ws.root, until=until, wait=True, commit=True) if rerun else None
-    with workspace_lock(ws, wait=True):
-        before = _cache_object_count(ws)
-        gc_args = ["gc", "--workspace", "--force", "-q"]
-        if ws.dvc("remote", "list").stdout.strip():
-            gc_args.append("--cloud")
-        ws.dvc(*gc_args)
-        removed_objects = before - _cache_object_count(ws)
-        record = read_json(ws.root / FORGOTTEN, {"format": 1, "removals": [], "blocked_content": []})
-        entry = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "samples": len(targets), "raw_files": n_raw,
-                 "derived_images": len(derived), "clinician_rows": clinician_rows}
-        record["removals"].append(entry)
-        record["blocked_content"] = sorted(set(record["blocked_content"]) | set(digests))
-        atomic_write_json(ws.root / FORGOTTEN, record)
-        ws.commit("forget: record removal (counts only)", [str(FORGOTTEN)])
+    before = _cache_object_count(ws)
+    gc_args = ["gc", "--workspace", "--force", "-q"]
+    if ws.dvc("remote", "list").stdout.strip():
+        gc_args.append("--cloud")
+    ws.dvc(*gc_args)
+    removed_objects = before - _cache_object_count(ws)
+    record = read_json(ws.root / FORGOTTEN, {"format": 1, "removals": [], "blocked_content": []})
+    entry = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "samples": len(targets), "raw_files": n_raw,
+             "derived_images": len(derived), "clinician_rows": clinician_rows}
+    record["removals"].append(entry)
+    record["blocked_content"] = sorted(set(record["blocked_content"]) | set(digests))
+    atomic_write_json(ws.root / FORGOTTEN, record)
+    ws.commit("forget: record removal (counts only)", [str(FORGOTTEN)])
     return ForgetOutcome(len(targets), n_raw, len(derived), clinician_rows, removed_objects,
                          [str(s["stage"]) for s in run.stages if s["ran"]] if run else [], entry)

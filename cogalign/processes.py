@@ -24,16 +24,80 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
 
 
+LOG_RESERVE = 64 * 1024   # bytes of a stage log allocated before the stage starts
+LOG_TAIL = 16 * 1024      # the last bytes of a stage's output kept in memory
+
+
+class _StageLog:
+    """Copies a stage's output to our stdout (the stage log) so that its end survives a full disk.
+
+    Space for the first ``LOG_RESERVE`` bytes is allocated before the stage starts, and the last
+    ``LOG_TAIL`` bytes are kept in memory. When a write fails (disk full, quota), the rest of the
+    output is dropped, and at the end the kept tail, which holds the stage's exception, is written
+    into the reserved space with a line saying what was lost: a failed stage's log always keeps
+    its cause. Non-file outputs (a pipe, a terminal) are written through without a reserve.
+    """
+
+    def __init__(self, fd: int) -> None:
+        import fcntl
+        import stat
+
+        self.fd = fd
+        self.tail = bytearray()
+        self.error: OSError | None = None
+        self.start = self.reserved_end = 0
+        st = os.fstat(fd)
+        self.is_file = stat.S_ISREG(st.st_mode) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+        if self.is_file:
+            self.start = os.lseek(fd, 0, os.SEEK_CUR)
+            for size in (LOG_RESERVE, LOG_TAIL + 1024):  # a smaller reserve on a nearly full disk
+                try:
+                    os.posix_fallocate(fd, self.start, size)
+                except OSError:
+                    continue
+                self.reserved_end = self.start + size
+                break
+
+    def write(self, data: bytes) -> None:
+        self.tail += data
+        del self.tail[:-LOG_TAIL]
+        view = memoryview(data)
+        while view and self.error is None:
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        """Cut the unused reserve; after a lost write, put the kept tail where it fits."""
+        if not self.is_file:
+            return
+        with contextlib.suppress(OSError):
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+            if self.error is not None:
+                note = (f"\n[cogalign: this log could not be written in full ({self.error.strerror}); the last "
+                        f"{len(self.tail)} bytes of the stage's output follow]\n").encode()
+                block = note + bytes(self.tail)
+                pos = max(self.start, min(pos, max(self.reserved_end, pos) - len(block)))
+                os.pwrite(self.fd, block, pos)
+                pos += len(block)
+            os.ftruncate(self.fd, pos)
+            os.lseek(self.fd, pos, os.SEEK_SET)
+
+
 def supervise(cmd: list[str]) -> int:
     """Run ``cmd`` inside this process group; kill the whole group if our parent dies.
 
-    Must run as the group leader (started with ``start_new_session``). Returns ``cmd``'s exit code.
+    Must run as the group leader (started with ``start_new_session``). The command's output goes
+    to our stdout through :class:`_StageLog`. Returns ``cmd``'s exit code.
     """
     import subprocess
 
     parent = os.getppid()
+    log = _StageLog(1)
 
     def kill_group(signum: int, frame: object) -> None:
+        log.close()
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -41,7 +105,14 @@ def supervise(cmd: list[str]) -> int:
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         kill_group(signal.SIGTERM, None)
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL).wait()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            log.write(chunk)
+        return proc.wait()
+    finally:
+        log.close()
 
 
 def group_members_in(pgid: int, workspace: Path) -> list[int]:

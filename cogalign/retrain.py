@@ -336,9 +336,18 @@ def _batch_ingest_summary(ws: Workspace, batch: str) -> dict[str, Any] | None:
 
 def retrain_once(workspace: str | os.PathLike[str], drop_folder: str | os.PathLike[str],
                  until: str | None = None) -> RetrainOutcome:
-    """One scheduled retraining step (module docstring). ``until`` stops the pipeline early (tests, triage)."""
-    start = time.perf_counter()
+    """One scheduled retraining step (module docstring). ``until`` stops the pipeline early (tests, triage).
+
+    Holds the workspace lock throughout (waiting for another command first), so the new batch, the
+    run that processes it and the decision are never interleaved with another ingest or forget.
+    """
     ws = Workspace.open(workspace)
+    with workspace_lock(ws, wait=True):
+        return _retrain_locked(ws, drop_folder, until)
+
+
+def _retrain_locked(ws: Workspace, drop_folder: str | os.PathLike[str], until: str | None) -> RetrainOutcome:
+    start = time.perf_counter()
     batch, scan = take_new_files(ws, Path(drop_folder).resolve())
     outcome = RetrainOutcome(noop=False, batch=batch, drop=scan.summary())
     ws.update_fingerprints()  # a code upgrade alone is new work too

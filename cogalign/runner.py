@@ -4,25 +4,23 @@ flow on Prefect (an ephemeral local server unless ``PREFECT_API_URL`` is set), t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError
+from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace, WorkspaceError, os_error_text, workspace_lock
 from cogalign_core import accounting, contract
 from cogalign_core.config import PARAMS_FILE, PipelineParams
 from cogalign_core.io import atomic_write_json, remove_stale_temps
 
-LOCK_FILE = STATE_DIR / "run.lock"
+__all__ = ["RunOutcome", "clean_after_kill", "is_up_to_date", "prepare_prefect_env", "run_pipeline",
+           "workspace_lock"]
 
 
 @dataclass
 class RunOutcome:
-    """What a ``cogalign run`` did."""
+    """What a ``cogalign run`` did. ``revision`` is the commit this run made (None: no commit)."""
 
     up_to_date: bool
     flow_run_id: str | None = None
@@ -31,31 +29,6 @@ class RunOutcome:
     seconds: float = 0.0
     cleaned: list[str] = field(default_factory=list)
     report: accounting.RunReport = field(default_factory=accounting.RunReport)
-
-
-@contextlib.contextmanager
-def workspace_lock(ws: Workspace, wait: bool = False) -> Iterator[None]:
-    """Exclusive lock for one run per workspace (released by the kernel if the process dies)."""
-    path = ws.root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise WorkspaceError(f"another cogalign run ({holder}) is working on {ws.root}; "
-                                 "wait for it or pass --wait") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def prepare_prefect_env(ws: Workspace) -> None:
@@ -93,16 +66,29 @@ def clean_after_kill(ws: Workspace) -> list[str]:
     return cleaned
 
 
+def check_integrity(ws: Workspace) -> None:
+    """Refuse to run on corrupted cache objects (fast check, :mod:`cogalign.integrity`): a stage must
+    never read, and DVC never check out, data that no longer matches ``dvc.lock``."""
+    from cogalign.integrity import verify
+
+    report = verify(ws)
+    if report.corrupt:
+        raise WorkspaceError(f"{len(report.corrupt)} corrupted cache object(s) in {ws.root}; nothing was run:\n"
+                             + report.summary(report.corrupt))
+
+
 def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, from_stage: str | None = None,
                  force: bool = False, commit: bool = True, wait: bool = False,
                  overrides: dict[str, str] | None = None, push: bool = False) -> RunOutcome:
     """Run the pipeline once; see :func:`cogalign.flows.pipeline.end_to_end`."""
     ws = Workspace.open(workspace)
-    if not ws.params.batches:
-        raise WorkspaceError(f"{ws.root} has no raw batch yet: `cogalign ingest SOURCE --workspace {workspace}`")
     start = time.perf_counter()
     with workspace_lock(ws, wait=wait):
+        # Checked under the lock: an ingest in progress may be registering the first batch.
+        if not ws.params.batches:
+            raise WorkspaceError(f"{ws.root} has no raw batch yet: `cogalign ingest SOURCE --workspace {workspace}`")
         cleaned = clean_after_kill(ws)
+        check_integrity(ws)
         if overrides:
             apply_overrides(ws, overrides)
         ws.update_fingerprints()
@@ -114,7 +100,10 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         prepare_prefect_env(ws)
         from cogalign.flows.pipeline import end_to_end
 
-        result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
+        try:
+            result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
+        except OSError as exc:  # a full or read-only disk under the run itself (logs, pid file, state)
+            raise WorkspaceError(f"the run on {ws.root} stopped, nothing was committed: {os_error_text(exc)}") from exc
         run_id = str(result["flow_run_id"])
         revision = None
         if commit:
@@ -123,11 +112,11 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
             from cogalign.workspace import push as dvc_push
 
             dvc_push(ws)
-        outcome = RunOutcome(False, run_id, revision or ws.revision(), list(result["stages"]),
-                             time.perf_counter() - start, cleaned,
+        # The run's own commit, never HEAD: HEAD may be another command's commit (or an older run's).
+        outcome = RunOutcome(False, run_id, revision, list(result["stages"]), time.perf_counter() - start, cleaned,
                              stage_report(ws, [str(s["stage"]) for s in result["stages"]]))
         atomic_write_json(ws.root / RUNS_DIR / f"{run_id}.json", {
-            "flow_run_id": run_id, "revision": outcome.revision, "committed": revision is not None,
+            "flow_run_id": run_id, "revision": revision or "no commit", "committed": revision is not None,
             "finished_unix": time.time(), "seconds": round(outcome.seconds, 2), "stages": outcome.stages,
             "until": until, "from_stage": from_stage, "force": force,
         })

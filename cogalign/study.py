@@ -118,13 +118,15 @@ def _table(ws: Workspace, study: str, conds: Sequence[Condition], seeds: Sequenc
 
 
 def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_sources: Sequence[str] = (),
-              n_resamples: int = 1000, overrides: Sequence[str] = ()) -> Path:
+              n_resamples: int = 1000, overrides: Sequence[str] = (), wait: bool = False) -> Path:
     """Run (or resume) the study and return the folder holding ``study.json`` and ``study.md``.
 
     ``overrides`` (``key.path=value``, DVC ``-S`` syntax) apply to every experiment and are recorded
     in the table (e.g. ``model.rl_max_steps=200``); seeds and held-out sources are set per experiment.
+    Holds the workspace lock throughout (``wait``: wait for another command instead of refusing):
+    the experiments start from the committed baseline, which nothing else may move meanwhile.
     """
-    from cogalign.runner import run_pipeline
+    from cogalign.runner import workspace_lock
 
     if seeds < 1:
         raise WorkspaceError("--seeds must be at least 1")
@@ -132,6 +134,14 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
         if "=" not in o or o.split("=", 1)[0].strip() in ("model.seed", "model.train_exclude_datasets"):
             raise WorkspaceError(f"study override {o!r}: expected key.path=value, not the seed or held-out sources")
     ws = Workspace.open(workspace)
+    with workspace_lock(ws, wait=wait):
+        return _run_study_locked(ws, seeds, name, cross_sources, n_resamples, overrides)
+
+
+def _run_study_locked(ws: Workspace, seeds: int, name: str | None, cross_sources: Sequence[str],
+                      n_resamples: int, overrides: Sequence[str]) -> Path:
+    from cogalign.runner import run_pipeline
+
     study = name or time.strftime("study-%Y%m%d-%H%M%S")
     start = time.perf_counter()
     run_pipeline(ws.root, until=COUNTERFACTUAL_STAGE)  # the data every experiment starts from, committed

@@ -39,6 +39,7 @@ the FOV estimate and the inpainters live in their own modules.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -302,11 +303,11 @@ def _stats(image: np.ndarray, region: np.ndarray, fov: np.ndarray, ring_px: int)
     return {"fill_mean_l": fm, "fill_std_l": fs, "ring_mean_l": rm, "ring_std_l": rs}
 
 
-def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
+def make_counterfactuals(task: ParentTask, write_dir: str | None = None) -> list[dict[str, Any]]:
     """Per-parent worker: derived images written content-addressed; returns their table rows."""
     params = CounterfactualParams.model_validate(task.params)
     ws = Path(task.workspace)
-    out_dir = ws / OUT_DIR
+    out_dir = Path(write_dir) if write_dir else ws / OUT_DIR  # write_dir: the stage's staging copy
     base = {"parent_sample_id": task.sample_id, "dataset": task.dataset, "split": task.split,
             "mask_sha256": task.mask_sha256, "method": params.inpainter}
     nl, ns = normal_labels(task.labels, task.sources)
@@ -369,8 +370,8 @@ def make_counterfactuals(task: ParentTask) -> list[dict[str, Any]]:
         fm_path, fm_sha = io.store_content_addressed(out_dir / "fill_masks", _png(region.astype(np.uint8) * 255),
                                                      ".png")
         row = {**base, **common, **extra, "kind": kind,
-               "image_path": img_path.relative_to(ws).as_posix(), "image_sha256": img_sha,
-               "fill_mask_path": fm_path.relative_to(ws).as_posix(), "fill_mask_sha256": fm_sha,
+               "image_path": (OUT_DIR / img_path.relative_to(out_dir)).as_posix(), "image_sha256": img_sha,
+               "fill_mask_path": (OUT_DIR / fm_path.relative_to(out_dir)).as_posix(), "fill_mask_sha256": fm_sha,
                "fill_area_fraction": float(region.mean()),
                "outside_identical": not bool((changed & ~region).any()),
                "changed_fraction": float(changed[region].mean()) if region.any() else 0.0,
@@ -464,10 +465,14 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     """DVC stage ``counterfactual``: see the module docstring."""
     del item
     ws = Path(workspace)
-    cp = params.counterfactual
-    out_dir = ws / OUT_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_temps(out_dir)
+    # Work on a staging copy that replaces data/counterfactual as a whole at the end: readers (and a
+    # killed run) never see a half-filled output, while reused images stay hard links.
+    with io.staged_update(ws / OUT_DIR) as out_dir:
+        _run_in(ws, params.counterfactual, out_dir)
+
+
+def _run_in(ws: Path, cp: CounterfactualParams, out_dir: Path) -> None:
+    """The counterfactual stage, writing into ``out_dir`` (a staging copy of ``data/counterfactual``)."""
     masks = tables.read_rows(ws / MASKS_PATH, "masks")
     annotations = {a["sample_id"]: a for a in tables.read_rows(ws / ANNOTATIONS_PATH, "annotations")}
     missing = sorted(m["sample_id"] for m in masks if m["sample_id"] not in annotations)
@@ -487,9 +492,11 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
             kept += prev
         else:
             todo.append(t)
-    fresh = [r for rs in map_items(make_counterfactuals, todo, desc="counterfactual") for r in rs]
+    fresh = [r for rs in map_items(functools.partial(make_counterfactuals, write_dir=str(out_dir)), todo,
+                                   desc="counterfactual") for r in rs]
     rows = sorted(kept + fresh, key=lambda r: (r["parent_sample_id"], KINDS.index(r["kind"])))
-    keep = {r[k] for r in rows for k in ("image_path", "fill_mask_path") if r.get(k)}
+    keep = {io.staged_path(ws, out_dir, OUT_DIR, r[k]) for r in rows for k in ("image_path", "fill_mask_path")
+            if r.get(k)}
     for sub in ("images", "fill_masks"):
         io.prune_unreferenced(out_dir / sub, keep, ws)
     tables.write_rows(rows, out_dir / TABLE_FILE, COUNTERFACTUALS, "counterfactuals")

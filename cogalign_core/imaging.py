@@ -5,14 +5,17 @@ Every function here works on one file and either returns a decoded result or rai
 escapes (unexpected decoder errors are mapped to ``undecodable``), so one bad file can never take
 a batch down.
 
-Pixel frame: stored pixels are the decoded raster as the file stores it (row 0 = first row in the
-file, origin top-left). EXIF orientation is *not* applied: dataset masks and boxes are drawn on the
-raw raster, and applying the tag to the image alone would misalign them. The tag is dropped with
-the rest of the EXIF block.
+Pixel frame: stored pixels are the image *as displayed* (origin top-left). An EXIF Orientation
+tag (2-8: a rotation and/or mirroring, as phones and some capture stations write it) is applied to
+the pixels before anything else (``ImageOps.exif_transpose``), to images and masks alike, and then
+dropped with the rest of the EXIF block; masks and boxes are expected in the displayed frame (what
+an annotator sees). A mask that only fits the image's unrotated raster is rejected with a reason
+that names the orientation.
 
 Stored form (content-addressed by SHA-256 of the stored bytes):
 
-- a baseline/progressive JPEG that decodes to 8-bit RGB and carries no ICC profile is stored as
+- a baseline/progressive JPEG that decodes to 8-bit RGB, carries no ICC profile and needs no
+  orientation applied is stored as
   its own entropy-coded data with every APPn (except a minimal JFIF header and the Adobe colour
   transform marker), COM segment and trailing byte after EOI removed. Nothing that affects decoding
   is touched, so the stored file decodes to exactly the pixels that were hashed: lossless and as fast
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 # Truncated files must fail loudly, never be padded with grey (PIL's opt-in behaviour).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -57,6 +60,14 @@ _IMAGE_SIGNATURES: tuple[bytes, ...] = (
     b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51",
 )
 _PNG_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+
+# EXIF Orientation values: what the stored raster needs to be displayed upright.
+ORIENTATIONS: dict[int, str] = {
+    1: "upright", 2: "mirrored left-right", 3: "rotated 180°", 4: "mirrored top-bottom",
+    5: "transposed (mirrored and rotated 90°)", 6: "rotated 90° clockwise",
+    7: "transversed (mirrored and rotated 270°)", 8: "rotated 90° counter-clockwise",
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
 
 
 class Rejected(Exception):
@@ -80,6 +91,7 @@ class DecodedImage:
         stored_suffix: ``".jpg"`` or ``".png"``.
         source_format / source_mode: what PIL reported for the original file.
         had_metadata: the source carried EXIF/ICC/XMP/text/comment data that was dropped.
+        orientation: the EXIF Orientation value applied to the pixels (1: none; see ``ORIENTATIONS``).
     """
 
     image: Image.Image
@@ -89,6 +101,7 @@ class DecodedImage:
     source_format: str
     source_mode: str
     had_metadata: bool
+    orientation: int = 1
 
     @property
     def width(self) -> int:
@@ -266,6 +279,26 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     raise Rejected("unsupported_mode", f"PIL mode {mode}")
 
 
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation of ``im`` (1-8); 1 when absent, invalid or the EXIF block is unreadable."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a malformed EXIF block: nothing to apply (it is dropped anyway)
+        return 1
+    return value if isinstance(value, int) and value in ORIENTATIONS else 1
+
+
+def upright(im: Image.Image) -> tuple[Image.Image, int]:
+    """``im`` with its EXIF orientation applied to the pixels, and the orientation value (1: unchanged)."""
+    orientation = exif_orientation(im)
+    if orientation == 1:
+        return im, 1
+    try:
+        return ImageOps.exif_transpose(im), orientation
+    except (OSError, ValueError) as exc:
+        raise Rejected("undecodable", f"applying EXIF orientation {orientation}: {exc}") from exc
+
+
 def had_metadata(im: Image.Image) -> bool:
     """True when ``im.info`` holds anything beyond encoding parameters (EXIF, ICC, XMP, text...)."""
     return any(k not in STRUCTURAL_INFO_KEYS for k in im.info)
@@ -383,6 +416,7 @@ def decode_image(path: str | os.PathLike[str], max_pixels: int, min_side: int) -
     fmt, mode = im.format or "unknown", im.mode
     _load(im)
     meta = had_metadata(im)
+    im, orientation = upright(im)
     try:
         rgb = to_rgb8(im)
     except Rejected:
@@ -391,7 +425,8 @@ def decode_image(path: str | os.PathLike[str], max_pixels: int, min_side: int) -
         raise Rejected("unsupported_mode", f"converting {mode}: {exc}") from exc
     stored: bytes | None = None
     suffix = ".png"
-    if rgb is im and "icc_profile" not in im.info:
+    # The source bytes are reused only when they decode to exactly these pixels (no rotation applied).
+    if rgb is im and orientation == 1 and "icc_profile" not in im.info:
         if fmt == "JPEG":
             stored = strip_jpeg_metadata(data)
             suffix = ".jpg"
@@ -400,12 +435,16 @@ def decode_image(path: str | os.PathLike[str], max_pixels: int, min_side: int) -
     if stored is None:
         stored, suffix = encode_png(rgb), ".png"
     return DecodedImage(image=rgb, sample_id=rgb_sample_id(rgb), stored=stored, stored_suffix=suffix,
-                        source_format=fmt, source_mode=mode, had_metadata=meta)
+                        source_format=fmt, source_mode=mode, had_metadata=meta, orientation=orientation)
 
 
 def decode_mask(path: str | os.PathLike[str], size: tuple[int, int], threshold: int,
-                max_pixels: int) -> DecodedMask:
-    """Decode and validate a lesion mask for an image of ``size`` = (width, height).
+                max_pixels: int, image_orientation: int = 1) -> DecodedMask:
+    """Decode and validate a lesion mask for an image of ``size`` = (width, height) as displayed.
+
+    The mask's own EXIF orientation, if any, is applied first. ``image_orientation`` (the
+    orientation that was applied to the image) only explains a size mismatch: a mask that fits
+    the image's unrotated raster is rejected with a detail naming the orientation.
 
     Colour masks are reduced by the per-pixel channel maximum (so a coloured label on black
     counts as lesion); 16-bit masks are scaled to 8 bits. A mask with at most two levels (0 and
@@ -420,10 +459,16 @@ def decode_mask(path: str | os.PathLike[str], size: tuple[int, int], threshold: 
         data = _read(Path(path))
         im = _open(data, max_pixels)
         _load(im)
+        im, mask_orientation = upright(im)
     except Rejected as exc:
         raise Rejected("mask_corrupt", f"{exc.reason}: {exc.detail}") from exc
     if im.size != tuple(size):
-        raise Rejected("mask_size_mismatch", f"mask {im.size[0]}x{im.size[1]} vs image {size[0]}x{size[1]}")
+        detail = f"mask {im.size[0]}x{im.size[1]} vs image {size[0]}x{size[1]}"
+        if image_orientation in _SWAPS_AXES and im.size == (size[1], size[0]):
+            detail += (f"; the image carries EXIF orientation {image_orientation} "
+                       f"({ORIENTATIONS[image_orientation]}), applied on ingest: this mask fits the unrotated raster, "
+                       "draw masks on the image as displayed")
+        raise Rejected("mask_size_mismatch", detail)
     mode = im.mode
     try:
         if mode in ("1", "L"):
@@ -444,7 +489,8 @@ def decode_mask(path: str | os.PathLike[str], size: tuple[int, int], threshold: 
         used = cut = threshold
     lesion = sum(hist[cut + 1:])
     stored = None
-    if used is None and mode == "L" and nonzero_levels in ([], [255]) and im.format == "PNG":
+    if used is None and mode == "L" and nonzero_levels in ([], [255]) and im.format == "PNG" \
+            and mask_orientation == 1:
         stored = strip_png_metadata(data, color_type=0)  # already {0,255}: keep the encoded pixels
         out_image = grey
     else:

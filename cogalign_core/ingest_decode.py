@@ -100,7 +100,8 @@ def _process_item(settings: DecodeSettings, task: ItemTask) -> dict[str, Any]:
         return {"ok": False, "kind": "mask", "reason": task.mask_problem[0], "detail": task.mask_problem[1]}
     if task.mask_file is not None:
         try:
-            mask = imaging.decode_mask(task.mask_file, size, settings.mask_threshold, settings.max_pixels)
+            mask = imaging.decode_mask(task.mask_file, size, settings.mask_threshold, settings.max_pixels,
+                                       image_orientation=img.orientation)
         except imaging.Rejected as r:
             return {"ok": False, "kind": "mask", "reason": r.reason, "detail": f"{task.mask_rel}: {r.detail}"}
     elif task.mask_required:

@@ -318,7 +318,7 @@ def finalize_sample(ann: dict[str, Any], r: SampleMasks, params: MaskParams, out
         box = q.box_of(mask)
         base = r.masks.get(BASELINE)
         row.update(
-            source=source, mask_path=path.relative_to(workspace).as_posix(), mask_sha256=digest,
+            source=source, mask_path=(OUT_DIR / path.relative_to(out_dir)).as_posix(), mask_sha256=digest,
             score=r.scores.get(source) if source in r.scores else None,
             area_fraction=q.area_fraction(mask), component_count=q.component_count(mask),
             touches_border=q.touches_border(mask),
@@ -446,10 +446,14 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
     """DVC stage ``masks``: see the module docstring for inputs and outputs."""
     del item  # one stage over all samples
     ws = Path(workspace)
-    mp = params.masks
-    out_dir = ws / OUT_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_temps(out_dir)
+    # Work on a staging copy that replaces data/masks as a whole at the end: readers (and a killed
+    # run) never see half an output, while reused masks stay hard links.
+    with io.staged_update(ws / OUT_DIR) as out_dir:
+        _run_in(ws, params.masks, out_dir)
+
+
+def _run_in(ws: Path, mp: MaskParams, out_dir: Path) -> None:
+    """The mask stage, writing into ``out_dir`` (a staging copy of ``data/masks``)."""
     annotations = sorted(tables.read_rows(ws / ANNOTATIONS_PATH, "annotations"), key=lambda r: r["sample_id"])
     clinician = read_clinician_prompts(ws / mp.clinician_prompts)
     no_lesion, tasks = build_tasks(ws, annotations, clinician, mp)
@@ -481,7 +485,8 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None
                      "status": "no_lesion", "n_prompts": 0, "prompt_json": "[]", "segmenter_qc": []})
     rows.sort(key=lambda r: r["sample_id"])
     review.sort(key=lambda r: r["sample_id"])
-    io.prune_unreferenced(out_dir, {r["mask_path"] for r in rows if r.get("mask_path")}, ws)
+    io.prune_unreferenced(out_dir, {io.staged_path(ws, out_dir, OUT_DIR, r["mask_path"])
+                                    for r in rows if r.get("mask_path")}, ws)
     tables.write_rows(rows, out_dir / MASKS_FILE, MASKS, "masks")
     tables.write_rows(review, out_dir / REVIEW_FILE, REVIEW, "mask_review")
     reuse.write_keys(out_dir, keys)

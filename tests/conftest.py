@@ -50,7 +50,7 @@ def spine_workspace(prefect_harness: None, tmp_path_factory: pytest.TempPathFact
 def copy_workspace(src: Path, dst: Path) -> Path:
     """A private copy of a workspace (git, DVC cache and outputs), safe to modify."""
     shutil.copytree(src, dst, symlinks=True)
-    for stale in (dst / ".cogalign" / "run.lock", dst / ".dvc" / "tmp"):
+    for stale in (dst / ".cogalign" / "workspace.lock", dst / ".dvc" / "tmp"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -147,7 +147,8 @@ def test_second_run_on_a_busy_workspace_refuses_or_waits(spine_workspace: Path, 
         _wait(lambda: (ws / PID_FILE).exists(), 200, "the first run's first stage", first, log)
         refused = _cli("run", "--workspace", str(ws), "--until", "annotate")
         assert refused.returncode == 2
-        assert "another cogalign run" in refused.stderr and "--wait" in refused.stderr
+        assert "another cogalign command" in refused.stderr and "--wait" in refused.stderr
+        assert f"pid {first.pid} running `cogalign run" in refused.stderr  # names the holder
         waited = _cli("run", "--workspace", str(ws), "--until", "annotate", "--wait")
         # --wait returns only after the first run released the lock, and then finds everything done.
         assert first.poll() is not None and first.returncode == 0, log.read_text()[-3000:]

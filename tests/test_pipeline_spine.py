@@ -117,10 +117,24 @@ def test_code_fingerprint_change_makes_stage_stale(spine_workspace: Path, tmp_pa
 
 
 def test_second_concurrent_run_is_refused(spine_workspace: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     root = copy_workspace(spine_workspace, tmp_path / "ws")
-    ws = Workspace.open(root)
-    with workspace_lock(ws), pytest.raises(WorkspaceError, match="another cogalign run"):
-        run_pipeline(root, until="annotate")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom cogalign.workspace import Workspace, workspace_lock\n"
+        f"with workspace_lock(Workspace.open({str(root)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(WorkspaceError, match=f"another cogalign command .* pid {holder.pid} running"):
+            run_pipeline(root, until="annotate")
+        # Within one process the lock is re-entrant: a locked command may run the pipeline itself.
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace_lock(Workspace.open(root)):
+        assert run_pipeline(root, until="annotate").up_to_date
 
 
 def test_push_sends_outputs_but_never_the_raw_zone(spine_workspace: Path, tmp_path: Path) -> None:

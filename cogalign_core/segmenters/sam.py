@@ -53,8 +53,45 @@ def load_sam(model_type: str, checkpoint: str | None, workspace: Path | None = N
         raise SamCheckpointError(f"`{CHECKPOINT_KEY}` = {checkpoint!r}: no such file ({path})")
     from segment_anything import sam_model_registry
 
-    model = sam_model_registry[model_type](checkpoint=str(path))
+    # The architecture only: segment_anything's builder would torch.load the file itself, unguarded.
+    model = sam_model_registry[model_type](checkpoint=None)
+    load_sam_weights(model, path)
     return model.to(resolve_device(device)).eval()
+
+
+def load_sam_weights(model: Sam, path: Path) -> None:
+    """Load a SAM checkpoint into ``model``: tensors only, every key must match (``strict``).
+
+    ``.safetensors`` files load with safetensors; anything else (the official ``.pth`` files) with
+    ``torch.load(weights_only=True)``, which refuses pickled code. Raises :class:`SamCheckpointError`
+    naming the file when it is not a plain state dict of this architecture.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SamCheckpointError(f"`{CHECKPOINT_KEY}` = {path}: refused, it holds pickled objects besides tensors "
+                                 "(loaded with torch.load(weights_only=True)); convert it to a plain state dict or "
+                                 "safetensors") from exc
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:
+        raise SamCheckpointError(f"`{CHECKPOINT_KEY}` = {path}: not a loadable SAM state dict "
+                                 f"(tensors only): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                 ) from exc
+    if not isinstance(state, dict):
+        raise SamCheckpointError(f"`{CHECKPOINT_KEY}` = {path}: holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SamCheckpointError(f"`{CHECKPOINT_KEY}` = {path}: does not fit the SAM architecture: "
+                                 f"{str(exc).splitlines()[0]}") from exc
 
 
 class SamSegmenter:
