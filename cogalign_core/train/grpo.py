@@ -31,7 +31,7 @@ from cogalign_core.rewards import REWARDS
 from cogalign_core.train import base_model, data, modeling, sft
 from cogalign_core.train.feature_cache import cached_tower
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
-from cogalign_core.train.trainlog import StepLog, write_log_csv
+from cogalign_core.train.trainlog import ProgressCallback, StepLog, write_log_csv
 
 SFT_MODEL = sft.OUT_DIR / "model"
 
@@ -135,7 +135,7 @@ def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, 
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with tempfile.TemporaryDirectory(prefix="cogalign-grpo-") as tmp:
-        trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log])
+        trainer = build_trainer(model, processor, train_ds, recipe, tmp, max_steps, callbacks=[log, ProgressCallback()])
         # A frozen tower encodes each image once: generation, the policy and the reference model
         # share one cache (their towers are bit-identical), so the G copies of a prompt cost one.
         with contextlib.ExitStack() as stack:

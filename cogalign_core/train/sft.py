@@ -33,7 +33,7 @@ from cogalign_core.provenance import write_provenance
 from cogalign_core.train import base_model, data, infer, modeling
 from cogalign_core.train.feature_cache import cached_tower
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
-from cogalign_core.train.trainlog import StepLog, write_log_csv
+from cogalign_core.train.trainlog import ProgressCallback, StepLog, write_log_csv
 
 OUT_DIR = Path(contract.stage_dir("sft"))
 LOG_COLUMNS: tuple[str, ...] = ("loss", "eval_loss", "learning_rate", "grad_norm")
@@ -127,7 +127,7 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with tempfile.TemporaryDirectory(prefix="cogalign-sft-") as tmp:
-        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log])
+        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log, ProgressCallback()])
         with cached_tower(trainer.model) as cache:  # a frozen tower encodes each image once
             trainer.train()
             if eval_ds is not None:

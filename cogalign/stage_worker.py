@@ -1,0 +1,230 @@
+"""Long-lived DVC processes that run one DVC command at a time for a run (no Prefect import).
+
+A ``dvc repro`` child per stage starts an interpreter, imports DVC and warms its caches each time
+(0.5 s idle, several seconds on a loaded machine). A worker pays that once per run and then calls
+DVC's own command line (``dvc.cli.main``) in-process for each request, so DVC stays the only judge
+of what is stale, with the same locks, messages, ``dvc.lock`` and exit codes as ``dvc repro``.
+Several workers run stages side by side the way several ``dvc repro`` processes would: each is its
+own process, and ``--wait-for-lock`` makes one wait for another's short repository-lock sections
+(DVC releases the lock while a stage command runs).
+
+A worker leads its own process group (the stage commands DVC starts join it), kills that group when
+the run that started it dies (``cogalign.processes.lead_group``) and is recorded in the workspace's
+group records, so a later run ends one that outlived a killed run.
+
+Protocol: one JSON request per line on the worker's stdin
+``{"argv": [...], "stdout": path, "stderr": path, "env": {...}}``; the worker points its file
+descriptors 1 and 2 at those files (the stage command inherits them), replaces its environment,
+runs ``dvc.cli.main(argv)`` and answers ``{"rc": N}`` on its original stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cogalign.processes import end_group, forget_group, lead_group, record_group
+
+ROLE = "dvc-worker"
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended while it was running a request."""
+
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode if returncode is not None else -1
+        super().__init__(f"DVC worker process ended (exit code {self.returncode})")
+
+
+class DvcWorker:
+    """One worker process for ``workspace``; runs one request at a time."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
+        self.proc = subprocess.Popen([sys.executable, "-m", "cogalign.stage_worker"], cwd=workspace,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # arms its own parent-death signal
+        record_group(workspace, self.proc.pid, ROLE)
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def call(self, argv: list[str], stdout: Path, stderr: Path | None, env: dict[str, str],
+             on_wait: Callable[[], None] | None = None, interval: float = 1.0) -> int:
+        """Run ``dvc ARGV`` in the worker; output goes to ``stdout``/``stderr`` (one file when ``stderr`` is None).
+
+        ``on_wait`` is called about every ``interval`` seconds while the command runs.
+        """
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = {"argv": argv, "stdout": str(stdout), "stderr": str(stderr or stdout), "env": env}
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise WorkerDied(self.proc.wait()) from None
+        while True:
+            readable, _, _ = select.select([self.proc.stdout], [], [], interval)
+            if readable:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise WorkerDied(self.proc.wait())
+                return int(json.loads(line)["rc"])
+            if on_wait is not None:
+                on_wait()
+
+    def stop(self) -> None:
+        """End the worker and every process in its group."""
+        if self.alive():
+            end_group(self.proc.pid, grace=2.0)
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+        forget_group(self.workspace, self.proc.pid)
+
+
+class WorkerPool:
+    """Idle workers of one workspace, handed out one per concurrent DVC command.
+
+    Workers are started from one dedicated thread that lives as long as the pool: the kernel's
+    parent-death signal follows the thread that started a process, and task threads come and go.
+    """
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
+        self._idle: list[DvcWorker] = []
+        self._all: list[DvcWorker] = []
+        self._lock = threading.Lock()
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-worker-spawner")
+        self.started = 0
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[DvcWorker]:
+        """A worker for one command; one that failed mid-command (or was interrupted) is not reused."""
+        with self._lock:
+            while self._idle and not self._idle[-1].alive():
+                self._discard(self._idle.pop())
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = self._spawner.submit(DvcWorker, self.workspace).result()
+            with self._lock:
+                self._all.append(worker)
+                self.started += 1
+        try:
+            yield worker
+        except BaseException:
+            self._discard(worker)
+            raise
+        with self._lock:
+            if worker.alive():
+                self._idle.append(worker)
+            else:
+                self._discard(worker)
+
+    def run(self, argv: list[str], stdout: Path, stderr: Path | None, env: dict[str, str],
+            on_wait: Callable[[], None] | None = None, interval: float = 1.0) -> int:
+        with self.worker() as worker:
+            return worker.call(argv, stdout, stderr, env, on_wait, interval)
+
+    def _discard(self, worker: DvcWorker) -> None:
+        worker.stop()
+        with contextlib.suppress(ValueError):
+            self._all.remove(worker)
+
+    def close(self) -> None:
+        """Stop every worker (idle or busy) and the spawner thread."""
+        with self._lock:
+            workers, self._idle, self._all = list(self._all), [], []
+        for worker in workers:
+            worker.stop()
+        self._spawner.shutdown(wait=False)
+
+
+_POOLS: dict[Path, tuple[WorkerPool, int]] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def worker_pool(workspace: Path) -> Iterator[WorkerPool]:
+    """The pool of ``workspace`` for this process: opened by the outermost caller, closed when it exits.
+
+    ``cogalign run`` opens it around its staleness check and the flow, so the worker that answered
+    ``dvc status`` (its imports and caches warm) runs the first stage; the flow's tasks find it here.
+    """
+    key = workspace.resolve()
+    with _POOLS_LOCK:
+        pool, users = _POOLS.get(key, (None, 0))
+        if pool is None:
+            pool = WorkerPool(key)
+        _POOLS[key] = (pool, users + 1)
+    try:
+        yield pool
+    finally:
+        with _POOLS_LOCK:
+            pool, users = _POOLS[key]
+            if users <= 1:
+                del _POOLS[key]
+                pool.close()
+            else:
+                _POOLS[key] = (pool, users - 1)
+
+
+def _redirect(stdout: str, stderr: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(stdout, "ab") as out:
+        os.dup2(out.fileno(), 1)
+    if stderr == stdout:
+        os.dup2(1, 2)
+    else:
+        with open(stderr, "ab") as err:
+            os.dup2(err.fileno(), 2)
+
+
+def serve() -> None:
+    """Worker main loop: read requests from stdin, answer on the original stdout."""
+    lead_group()
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    from dvc.cli import main as dvc_main
+
+    for line in requests:
+        request = json.loads(line)
+        _redirect(request["stdout"], request["stderr"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        try:
+            rc = int(dvc_main(list(request["argv"])) or 0)
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # DVC handles its own errors; anything else is reported like a crash
+            import traceback
+
+            traceback.print_exc()
+            rc = 255
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        os.write(replies, (json.dumps({"rc": rc}) + "\n").encode())
+
+
+if __name__ == "__main__":
+    serve()
