@@ -5,8 +5,9 @@ Every long-lived child of a run leads its own process group: a stage worker (``c
 whose stage commands DVC starts inside that group) or a supervisor (``python -m cogalign.processes --
 CMD``, e.g. the ephemeral Prefect server). The kernel signals the leader when the run that started it
 dies, even by SIGKILL (``PR_SET_PDEATHSIG``), and the leader then kills its whole group, so no
-grandchild outlives the run. Each group is also recorded in ``.cogalign/groups/<pgid>.json`` with its
-owner; a later run ends any recorded group whose owner is gone (:func:`kill_stale_groups`).
+grandchild outlives the run. Each group is also recorded in the workspace's state folder
+(``.cogalign/groups/<pgid>.json``) with its owner; a later run ends any recorded group whose owner is
+gone (:func:`kill_stale_groups`). This module stays light: supervisors import nothing else at start.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import os
 import signal
 import time
 from pathlib import Path
-
-GROUPS_DIR = Path(".cogalign/groups")
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -103,6 +102,13 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
+def groups_dir(workspace: Path) -> Path:
+    """Where ``workspace``'s process-group records live (in its unversioned state folder)."""
+    from cogalign.workspace import STATE_DIR
+
+    return workspace / STATE_DIR / "groups"
+
+
 def _owner_alive(pid: int, started: object) -> bool:
     """True while process ``pid`` runs and is the one that was recorded (not a recycled pid)."""
     now = _start_time(pid)
@@ -115,20 +121,20 @@ def record_group(workspace: Path, pgid: int, role: str) -> Path:
     """Record that this process owns group ``pgid`` (started with ``workspace`` as its cwd)."""
     from cogalign_core.io import atomic_write_text
 
-    path = workspace / GROUPS_DIR / f"{pgid}.json"
+    path = groups_dir(workspace) / f"{pgid}.json"
     atomic_write_text(path, json.dumps({"pgid": pgid, "role": role, "owner_pid": os.getpid(),
                                         "owner_started": _start_time(os.getpid())}))
     return path
 
 
 def forget_group(workspace: Path, pgid: int) -> None:
-    (workspace / GROUPS_DIR / f"{pgid}.json").unlink(missing_ok=True)
+    (groups_dir(workspace) / f"{pgid}.json").unlink(missing_ok=True)
 
 
 def recorded_groups(workspace: Path) -> list[dict[str, object]]:
     """The group records of ``workspace`` (unreadable ones dropped)."""
     out = []
-    for path in sorted((workspace / GROUPS_DIR).glob("*.json")):
+    for path in sorted(groups_dir(workspace).glob("*.json")):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -205,6 +211,9 @@ class StageFailed(RuntimeError):
         cause = failure_cause(tail, returncode)
         super().__init__(f"stage {stage!r} failed ({'transient' if self.transient else 'permanent'}): {cause}. "
                          f"Full log: {log_path}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (results may cross process boundaries)
+        return (type(self), (self.stage, self.returncode, self.log_path, self.tail), self.__dict__)
 
 
 def _alive(pid: int) -> bool:

@@ -47,7 +47,7 @@ class DagRun(Generic[H]):
     """What happened to each stage: results of finished stages, the failures and the skipped ones."""
 
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failures: dict[str, BaseException] = field(default_factory=dict)
+    failures: dict[str, Exception] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> the failed stage it depends on
 
 
@@ -69,6 +69,7 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
             wait_any: Callable[[list[H]], Iterable[H]], result: Callable[[H], dict[str, Any]],
             uses_gpu: Callable[[StageNode], bool], cpu_slots: int,
             priority: dict[str, float] | None = None,
+            on_result: Callable[[StageNode, dict[str, Any]], None] | None = None,
             on_skip: Callable[[StageNode, str], None] | None = None) -> DagRun[H]:
     """Run ``nodes`` (topologically ordered; edges in ``StageNode.upstream``) as their inputs become ready.
 
@@ -80,6 +81,7 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
         uses_gpu: True for a stage that waits for GPU slots instead of a CPU slot.
         cpu_slots: CPU stages running at once.
         priority: larger starts first among ready CPU stages (default: the longest chain of stages).
+        on_result: called with each finished stage's result as it arrives.
         on_skip: called for a stage skipped because ``failed`` (a stage it depends on) failed.
     """
     names = {n.name for n in nodes}
@@ -127,6 +129,9 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
             cpu_busy -= 0 if uses_gpu(node) else 1
             try:
                 run.results[node.name] = result(handle)
-            except BaseException as exc:  # the stage's own failure; dependants are skipped
+            except Exception as exc:  # the stage's own failure; dependants are skipped
                 run.failures[node.name] = exc
+                continue
+            if on_result is not None:
+                on_result(node, run.results[node.name])
     return run

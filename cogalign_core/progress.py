@@ -134,7 +134,7 @@ def format_progress(record: ProgressRecord, stage: str | None = None) -> str:
 
 def format_seconds(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h03m``."""
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -1,16 +1,25 @@
-"""The end-to-end flow: every DVC stage as a Prefect task, in the order DVC's own graph gives."""
+"""The end-to-end flow: every DVC stage as a Prefect task, started as soon as DVC's graph allows.
+
+Stages whose inputs are ready run side by side (``cogalign.scheduler``): GPU stages wait for devices
+from the allocator, CPU stages share the cores; a failed stage stops only what depends on it.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from cogalign.dag import StageNode, downstream_closure, pipeline_stages, upstream_closure
-from cogalign.tasks.dvc_stage import dvc_stage
-from cogalign.workspace import Workspace
+from cogalign.scheduler import cpu_stage_slots, critical_path_priority, run_dag
+from cogalign.stage_worker import worker_pool
+from cogalign.tasks.dvc_stage import allocator, dvc_stage
+from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace
 from cogalign_core import contract
 
 
@@ -23,7 +32,24 @@ def select_stages(stages: list[StageNode], until: str | None = None, from_stage:
     return [s.name for s in selected]
 
 
-@flow(name="cogalign-end-to-end", log_prints=True)
+def previous_stage_seconds(ws: Workspace) -> dict[str, float]:
+    """Each stage's time in the latest run record that ran it (for scheduling the longest chain first)."""
+    seconds: dict[str, float] = {}
+    records = sorted((ws.root / RUNS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    for path in records:
+        try:
+            stages = json.loads(path.read_text()).get("stages") or []
+        except (OSError, ValueError):
+            continue
+        seconds.update({str(s["stage"]): float(s["seconds"]) for s in stages if s.get("ran")})
+    return seconds
+
+
+def _first_done(futures: list[PrefectFuture[dict[str, Any]]]) -> list[PrefectFuture[dict[str, Any]]]:
+    return [next(iter(as_completed(futures)))]
+
+
+@flow(name="cogalign-end-to-end", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=32))
 def end_to_end(workspace: str, until: str | None = None, from_stage: str | None = None, force: bool = False,
                recipe: str | None = None) -> dict[str, object]:
     """Run the pipeline on ``workspace``; DVC skips every stage whose inputs did not change.
@@ -34,6 +60,10 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         from_stage: restart from this stage (it and everything downstream are forced).
         force: rerun the selected stages even if DVC considers them up to date.
         recipe: switch ``params.model.recipe`` first (recorded like any params change).
+
+    Raises:
+        StageFailed: the first stage (in DVC's order) that failed, after the stages that did not
+            depend on it finished; its ``stages`` attribute lists what every stage did.
     """
     logger = get_run_logger()
     ws = Workspace.open(workspace)
@@ -42,21 +72,42 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         params.model.recipe = recipe
         ws.write_params(params)
     run_id = str(flow_run.get_id() or "local")
-    log_dir = ws.root / ".cogalign" / "logs" / run_id
-    stages = pipeline_stages(ws.root)  # opening DVC's index costs about a second: once per run
+    log_dir = str(ws.root / STATE_DIR / "logs" / run_id)
+    stages = pipeline_stages(ws.root)  # DVC's index and graph: opened once per run
     nodes = {n.name: n for n in stages}
-    selected = select_stages(stages, until=until, from_stage=from_stage)
-    forced = set(selected) if (force or from_stage) else set()
-    results = []
-    for name in selected:
-        node = nodes[name]
-        result = dvc_stage(str(ws.root), name, node.gpus, str(log_dir), force=name in forced)
-        logger.info("%s: %s in %.1fs on %s", name, "ran" if result["ran"] else "up to date", result["seconds"],
-                    result["devices"])
-        _publish_stage_artifact(ws, name, node.outs, result)
-        if name == "evaluate":
+    plan = [nodes[name] for name in select_stages(stages, until=until, from_stage=from_stage)]
+    forced = {n.name for n in plan} if (force or from_stage) else set()
+    gpus_present = bool(allocator().devices)
+
+    def submit(node: StageNode, after: list[PrefectFuture[dict[str, Any]]]) -> PrefectFuture[dict[str, Any]]:
+        return dvc_stage.submit(str(ws.root), node.name, node.gpus, log_dir, force=node.name in forced,
+                                wait_for=after)  # wait_for: the dependency edges in Prefect's UI
+
+    def finished(node: StageNode, result: dict[str, Any]) -> None:
+        logger.info("%s: %s in %.1fs on %s", node.name, result["status"], result["seconds"], result["devices"])
+        _publish_stage_artifact(ws, node.name, node.outs, result)
+        if node.name == "evaluate":
             _publish_evaluation(ws)
-        results.append(result)
+
+    with worker_pool(ws.root):
+        run = run_dag(plan, submit, _first_done, lambda f: f.result(), cpu_slots=cpu_stage_slots(),
+                      uses_gpu=lambda n: gpus_present and n.gpus > 0,
+                      priority=critical_path_priority(plan, previous_stage_seconds(ws)), on_result=finished,
+                      on_skip=lambda n, cause: logger.warning("%s: skipped, %s failed", n.name, cause))
+    results: list[dict[str, Any]] = []
+    for node in plan:
+        if node.name in run.results:
+            results.append(run.results[node.name])
+        elif node.name in run.failures:
+            results.append({"stage": node.name, "status": "failed", "ran": False,
+                            "error": str(run.failures[node.name])})
+        elif node.name in run.skipped:
+            results.append({"stage": node.name, "status": "skipped", "ran": False,
+                            "error": f"{run.skipped[node.name]} failed"})
+    if run.failures:
+        first = next(exc for n in plan if (exc := run.failures.get(n.name)) is not None)
+        first.stages = results  # type: ignore[attr-defined]
+        raise first
     return {"flow_run_id": run_id, "stages": results}
 
 
@@ -66,9 +117,13 @@ def _artifact_key(name: str) -> str:
 
 def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], result: dict[str, object]) -> None:
     """Markdown artifact: what ran, on which device, output hashes (dvc.lock) and the stage's counts."""
-    lock = ws.lock_stages().get(name, {})
-    lines = [f"### {name}", "", f"- status: {'ran' if result['ran'] else 'up to date'}",
-             f"- seconds: {result['seconds']}", f"- devices: {result['devices']}", "", "| output | md5 |",
+    try:
+        lock = ws.lock_stages().get(name, {})
+    except Exception:  # another stage's DVC may be rewriting dvc.lock this instant: hashes are in dvc.lock
+        lock = {}
+    lines = [f"### {name}", "", f"- status: {result['status']}",
+             f"- seconds: {result['seconds']} (waited {result['waited']} for GPUs)", f"- devices: {result['devices']}",
+             "", "| output | md5 |",
              "| --- | --- |"]
     for out in lock.get("outs", []):
         lines.append(f"| `{out.get('path')}` | `{out.get('md5', '')}` |")

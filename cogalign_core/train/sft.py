@@ -127,7 +127,8 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with tempfile.TemporaryDirectory(prefix="cogalign-sft-") as tmp:
-        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps, callbacks=[log, ProgressCallback()])
+        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, tmp, max_steps,
+                                callbacks=[log, ProgressCallback()])
         with cached_tower(trainer.model) as cache:  # a frozen tower encodes each image once
             trainer.train()
             if eval_ds is not None:
