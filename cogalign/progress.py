@@ -108,12 +108,13 @@ class StageProgressFeed:
 
 class PlainDisplay:
     """Plain lines for pipes and CI logs: start and end of each stage immediately, progress of each
-    running stage at most every ``interval`` seconds."""
+    running stage at most every ``interval`` seconds, and a stage's last count before its end line."""
 
     def __init__(self, stream: IO[str], interval: float | None = None) -> None:
         self.stream = stream
         self.interval = progress_interval() if interval is None else interval
         self._printed: dict[str, float] = {}
+        self._unprinted: dict[str, ProgressRecord] = {}
         self._lock = threading.Lock()
 
     def _print(self, line: str) -> None:
@@ -129,10 +130,16 @@ class PlainDisplay:
         now = time.monotonic()
         if now - self._printed.get(stage, 0.0) >= self.interval:
             self._printed[stage] = now
+            self._unprinted.pop(stage, None)
             self._print(stage_line(stage, record))
+        else:
+            self._unprinted[stage] = record
 
     def finished(self, stage: str, status: str, seconds: float) -> None:
         self._printed.pop(stage, None)
+        last = self._unprinted.pop(stage, None)
+        if last is not None:
+            self._print(stage_line(stage, last))
         self._print(f"{stage}: {status} in {format_seconds(seconds)}")
 
 
@@ -142,23 +149,23 @@ class RichDisplay:
     def __init__(self, console: object) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[detail]}"),
                                  TimeElapsedColumn(), console=console, transient=True)  # type: ignore[arg-type]
         self._tasks: dict[str, object] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> RichDisplay:
-        self.progress.start()
+        self.bars.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.bars.stop()
 
     def started(self, stage: str, devices: str) -> None:
         with self._lock:
             if stage not in self._tasks:
-                self._tasks[stage] = self.progress.add_task(stage, total=None, unit="", detail=f"on {devices}")
+                self._tasks[stage] = self.bars.add_task(stage, total=None, unit="", detail=f"on {devices}")
 
     def progress(self, stage: str, record: ProgressRecord) -> None:
         with self._lock:
@@ -169,13 +176,13 @@ class RichDisplay:
                                + ([f"ETA {format_seconds(eta)}"] if (eta := record.eta_seconds()) is not None
                                   else []))
             phase = f" ({record.desc})" if record.desc and record.desc != stage else ""
-            self.progress.update(task, total=record.total, completed=record.done,  # type: ignore[arg-type]
+            self.bars.update(task, total=record.total, completed=record.done,  # type: ignore[arg-type]
                                  description=stage + phase, unit=record.unit + "s", detail=detail)
 
     def finished(self, stage: str, status: str, seconds: float) -> None:
         with self._lock:
             task = self._tasks.pop(stage, None)
             if task is not None:
-                self.progress.remove_task(task)  # type: ignore[arg-type]
+                self.bars.remove_task(task)  # type: ignore[arg-type]
         mark = {"ran": "[green]✓[/]", "up to date": "[dim]=[/]", "failed": "[red]✗[/]"}.get(status, "-")
-        self.progress.console.print(f"{mark} {stage}: {status} in {format_seconds(seconds)}")
+        self.bars.console.print(f"{mark} {stage}: {status} in {format_seconds(seconds)}")
