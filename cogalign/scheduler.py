@@ -101,6 +101,7 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
                 return run.skipped[up]
         return None
 
+    finished: list[StageNode] = []  # results not yet handed to ``on_result``
     while waiting or running:
         for node in list(waiting):
             cause = blocked_by(node)
@@ -120,6 +121,10 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
             handle = submit(node, [handles[u] for u in node.upstream if u in handles])
             handles[node.name] = handle
             running[id(handle)] = (node, handle)
+        for node in finished:  # after the next stages started: publishing never delays them
+            if on_result is not None:
+                on_result(node, run.results[node.name])
+        finished = []
         if not running:
             if waiting:  # cannot happen with a valid DAG; never spin
                 raise RuntimeError(f"stages can never start: {', '.join(n.name for n in waiting)}")
@@ -132,6 +137,5 @@ def run_dag(nodes: Sequence[StageNode], submit: Callable[[StageNode, list[H]], H
             except Exception as exc:  # the stage's own failure; dependants are skipped
                 run.failures[node.name] = exc
                 continue
-            if on_result is not None:
-                on_result(node, run.results[node.name])
+            finished.append(node)
     return run

@@ -99,17 +99,36 @@ class DvcWorker:
 class WorkerPool:
     """Idle workers of one workspace, handed out one per concurrent DVC command.
 
+    With ``keep_spare`` (the flow sets it) a worker is started in the background whenever the last
+    idle one is taken, so a stage that starts next to a running one finds a warm worker too.
     Workers are started from one dedicated thread that lives as long as the pool: the kernel's
     parent-death signal follows the thread that started a process, and task threads come and go.
     """
 
     def __init__(self, workspace: Path) -> None:
         self.workspace = workspace
+        self.keep_spare = False
         self._idle: list[DvcWorker] = []
         self._all: list[DvcWorker] = []
         self._lock = threading.Lock()
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvc-worker-spawner")
+        self._closed = False
         self.started = 0
+
+    def _spawn(self) -> DvcWorker:
+        worker = self._spawner.submit(DvcWorker, self.workspace).result()
+        with self._lock:
+            self._all.append(worker)
+            self.started += 1
+        return worker
+
+    def _spawn_spare(self) -> None:
+        with self._lock:
+            if self._closed or self._idle:
+                return
+        worker = self._spawn()
+        with self._lock:
+            self._idle.append(worker)
 
     @contextlib.contextmanager
     def worker(self) -> Iterator[DvcWorker]:
@@ -118,21 +137,21 @@ class WorkerPool:
             while self._idle and not self._idle[-1].alive():
                 self._discard(self._idle.pop())
             worker = self._idle.pop() if self._idle else None
+            spare = self.keep_spare and not self._idle and not self._closed
         if worker is None:
-            worker = self._spawner.submit(DvcWorker, self.workspace).result()
-            with self._lock:
-                self._all.append(worker)
-                self.started += 1
+            worker = self._spawn()
+        if spare:
+            threading.Thread(target=self._spawn_spare, name="dvc-worker-spare", daemon=True).start()
         try:
             yield worker
         except BaseException:
             self._discard(worker)
             raise
         with self._lock:
-            if worker.alive():
+            if worker.alive() and not self._closed:
                 self._idle.append(worker)
-            else:
-                self._discard(worker)
+                return
+        self._discard(worker)
 
     def run(self, argv: list[str], stdout: Path, stderr: Path | None, env: dict[str, str],
             on_wait: Callable[[], None] | None = None, interval: float = 1.0) -> int:
@@ -147,6 +166,7 @@ class WorkerPool:
     def close(self) -> None:
         """Stop every worker (idle or busy) and the spawner thread."""
         with self._lock:
+            self._closed = True
             workers, self._idle, self._all = list(self._all), [], []
         for worker in workers:
             worker.stop()
@@ -194,6 +214,21 @@ def _redirect(stdout: str, stderr: str) -> None:
             os.dup2(err.fileno(), 2)
 
 
+def _warm_up() -> None:
+    """Import what ``repro`` and ``status`` use and build the index once, so a worker started ahead of
+    need answers its first request as fast as the next ones (DVC imports most modules lazily)."""
+    with contextlib.suppress(Exception):  # a broken dvc.yaml is reported by the first real request
+        import dvc.commands.repro
+        import dvc.commands.status
+        import dvc.repo.reproduce
+        import dvc.stage.cache
+        import dvc.stage.run  # noqa: F401
+        from dvc.repo import Repo
+
+        with Repo() as repo:
+            _ = repo.index.graph
+
+
 def serve() -> None:
     """Worker main loop: read requests from stdin, answer on the original stdout."""
     lead_group()
@@ -204,6 +239,7 @@ def serve() -> None:
         os.dup2(devnull, fd)
     from dvc.cli import main as dvc_main
 
+    _warm_up()
     for line in requests:
         request = json.loads(line)
         _redirect(request["stdout"], request["stderr"])

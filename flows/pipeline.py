@@ -89,7 +89,8 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         if node.name == "evaluate":
             _publish_evaluation(ws)
 
-    with worker_pool(ws.root):
+    with worker_pool(ws.root) as pool:
+        pool.keep_spare = True  # a warm DVC worker is ready whenever a stage starts next to a running one
         run = run_dag(plan, submit, _first_done, lambda f: f.result(), cpu_slots=cpu_stage_slots(),
                       uses_gpu=lambda n: gpus_present and n.gpus > 0,
                       priority=critical_path_priority(plan, previous_stage_seconds(ws)), on_result=finished,
