@@ -6,6 +6,7 @@ the graph ``dvc repro`` itself walks) and schedules along its edges.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,26 @@ class StageNode:
 
 
 def pipeline_stages(workspace: Path) -> list[StageNode]:
-    """All stages in a deterministic topological order (dependencies first, then dvc.yaml order)."""
+    """All stages in a deterministic topological order (dependencies first, then dvc.yaml order).
+
+    Remembered per workspace while ``dvc.yaml`` and ``params.yaml`` (``foreach`` items) are unchanged,
+    so ``cogalign run`` reads the graph while the Prefect server starts and the flow finds it ready.
+    """
+    root = Path(workspace).resolve()
+    return list(_pipeline_stages(root, tuple(_stat(root / name) for name in ("dvc.yaml", "params.yaml"))))
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _pipeline_stages(workspace: Path, signature: tuple[object, ...]) -> tuple[StageNode, ...]:
+    del signature  # part of the cache key only
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
@@ -41,7 +61,7 @@ def pipeline_stages(workspace: Path) -> list[StageNode]:
         ordered = list(nx.lexicographical_topological_sort(
             sub.reverse(copy=True), key=lambda s: (position.get(s.name, 1 << 30), s.name)))
         rank = {s: i for i, s in enumerate(ordered)}
-        return [
+        return tuple(
             StageNode(
                 name=s.name,
                 gpus=int((s.meta or {}).get("gpus", 0)),
@@ -50,7 +70,7 @@ def pipeline_stages(workspace: Path) -> list[StageNode]:
                 upstream=tuple(u.name for u in sorted(sub.successors(s), key=rank.__getitem__)),
             )
             for s in ordered
-        ]
+        )
 
 
 def paths_overlap(a: str, b: str) -> bool:

@@ -103,9 +103,7 @@ class LocalServer:
 
     def stop(self) -> None:
         """Stop the server (it gets ``--grace`` seconds to close its database) and forget its record."""
-        end_group(self.proc.pid, grace=6.0)
-        with contextlib.suppress(Exception):
-            self.proc.wait(timeout=2)
+        end_group(self.proc, grace=6.0)
         forget_group(self.workspace, self.proc.pid)
 
 

@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -58,15 +59,23 @@ def supervise(cmd: list[str], grace: float = 0.0) -> int:
     request first sends SIGTERM to ``cmd`` and waits up to ``grace`` seconds for it to exit (a
     server flushing its database). Returns ``cmd``'s exit code.
     """
-    import subprocess
-
     child: list[subprocess.Popen[bytes]] = []
 
     def stop_child() -> None:
-        if grace > 0 and child:
-            child[0].terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child[0].wait(timeout=grace)
+        # Runs in a signal handler that may interrupt Popen.wait() (which holds Popen's wait lock):
+        # wait with os.waitpid directly.
+        if grace <= 0 or not child:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child[0].pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(child[0].pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.05)
 
     lead_group(stop_child)
     child.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
@@ -166,19 +175,20 @@ def kill_stale_groups(workspace: Path) -> list[str]:
     return ended
 
 
-def end_group(pgid: int, grace: float = 0.0) -> None:
-    """Stop a group this process started: SIGTERM to its leader (which kills the group), then SIGKILL."""
+def end_group(leader: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+    """Stop a group this process started: SIGTERM to its leader (which ends the group, see
+    :func:`lead_group`), up to ``grace`` seconds for it to exit, then SIGKILL to whatever is left.
+
+    Waiting on the leader also reaps it (a dead leader not yet reaped still counts as a member).
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while grace > 0 and time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.05)
+        leader.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=max(grace, 0.01))
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(leader.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=5)
 
 
 # Substrings of a stage's stderr that mark a transient failure worth retrying.

@@ -130,6 +130,7 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
     Fixed costs overlap: the local Prefect server (when none is configured) starts while a DVC
     worker answers ``dvc status``; an up-to-date workspace never waits for the server.
     """
+    from cogalign.dag import pipeline_stages
     from cogalign.prefect_server import start_local_server
     from cogalign.stage_worker import worker_pool
 
@@ -147,9 +148,11 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         with worker_pool(ws.root) as pool:
             if not (force or from_stage) and is_up_to_date(ws, until, pool):
                 return RunOutcome(up_to_date=True, seconds=time.perf_counter() - start, cleaned=cleaned)
-            with prefect_api(ws):
-                from cogalign.flows.pipeline import end_to_end
+            # While the server starts: DVC's graph (remembered for the flow) and Prefect's imports.
+            pipeline_stages(ws.root)
+            from cogalign.flows.pipeline import end_to_end
 
+            with prefect_api(ws):
                 result = end_to_end(str(ws.root), until=until, from_stage=from_stage, force=force)
         run_id = str(result["flow_run_id"])
         revision = None

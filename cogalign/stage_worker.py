@@ -45,11 +45,16 @@ class WorkerDied(RuntimeError):
 
 
 class DvcWorker:
-    """One worker process for ``workspace``; runs one request at a time."""
+    """One worker process for ``workspace``; runs one request at a time.
 
-    def __init__(self, workspace: Path) -> None:
+    ``warm``: import DVC's modules and build the index before the first request (for a worker
+    started ahead of need; a worker asked right away would only delay its answer).
+    """
+
+    def __init__(self, workspace: Path, warm: bool = False) -> None:
         self.workspace = workspace
-        self.proc = subprocess.Popen([sys.executable, "-m", "cogalign.stage_worker"], cwd=workspace,
+        argv = [sys.executable, "-m", "cogalign.stage_worker", *(["--warm"] if warm else [])]
+        self.proc = subprocess.Popen(argv, cwd=workspace,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      start_new_session=True)  # arms its own parent-death signal
         record_group(workspace, self.proc.pid, ROLE)
@@ -86,10 +91,7 @@ class DvcWorker:
 
     def stop(self) -> None:
         """End the worker and every process in its group."""
-        if self.alive():
-            end_group(self.proc.pid, grace=2.0)
-        with contextlib.suppress(Exception):
-            self.proc.wait(timeout=5)
+        end_group(self.proc, grace=2.0)
         for stream in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 stream.close()  # type: ignore[union-attr]
@@ -115,8 +117,8 @@ class WorkerPool:
         self._closed = False
         self.started = 0
 
-    def _spawn(self) -> DvcWorker:
-        worker = self._spawner.submit(DvcWorker, self.workspace).result()
+    def _spawn(self, warm: bool = False) -> DvcWorker:
+        worker = self._spawner.submit(DvcWorker, self.workspace, warm).result()
         with self._lock:
             self._all.append(worker)
             self.started += 1
@@ -126,7 +128,7 @@ class WorkerPool:
         with self._lock:
             if self._closed or self._idle:
                 return
-        worker = self._spawn()
+        worker = self._spawn(warm=True)
         with self._lock:
             self._idle.append(worker)
 
@@ -229,7 +231,7 @@ def _warm_up() -> None:
             _ = repo.index.graph
 
 
-def serve() -> None:
+def serve(warm: bool = False) -> None:
     """Worker main loop: read requests from stdin, answer on the original stdout."""
     lead_group()
     requests = os.fdopen(os.dup(0), "rb")
@@ -239,7 +241,8 @@ def serve() -> None:
         os.dup2(devnull, fd)
     from dvc.cli import main as dvc_main
 
-    _warm_up()
+    if warm:
+        _warm_up()
     for line in requests:
         request = json.loads(line)
         _redirect(request["stdout"], request["stderr"])
@@ -263,4 +266,4 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(warm="--warm" in sys.argv[1:])

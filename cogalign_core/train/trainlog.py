@@ -41,23 +41,28 @@ class StepLog(TrainerCallback):
 
 class ProgressCallback(TrainerCallback):
     """Writes step / max_steps and the latest loss (SFT) or mean reward (GRPO) to the stage's progress
-    file (``COGALIGN_PROGRESS_FILE``); does nothing without one. Counting starts at ``on_train_begin``,
-    so the ETA does not include model loading."""
+    file (``COGALIGN_PROGRESS_FILE``); does nothing without one, and only the main process writes
+    under ``accelerate launch``. Counting starts at ``on_train_begin``, so the ETA leaves out model
+    loading."""
 
     def __init__(self, writer: ProgressWriter | None = None) -> None:
         self.writer = writer or ProgressWriter.from_env("step")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.writer.start(total=int(state.max_steps) or None)
+        if state.is_world_process_zero:
+            self.writer.start(total=int(state.max_steps) or None)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.writer.update(int(state.global_step), **progress_metrics(logs or {}))
+        if state.is_world_process_zero:
+            self.writer.update(int(state.global_step), **progress_metrics(logs or {}))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.writer.update(int(state.global_step), total=int(state.max_steps) or None)
+        if state.is_world_process_zero:
+            self.writer.update(int(state.global_step), total=int(state.max_steps) or None)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.writer.update(int(state.global_step), force=True)
+        if state.is_world_process_zero:
+            self.writer.update(int(state.global_step), force=True)
 
 
 def write_log_csv(path: str | os.PathLike[str], log: StepLog, columns: Sequence[str],
