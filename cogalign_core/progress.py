@@ -6,11 +6,12 @@ to the stage command); without it every writer here does nothing, so a stage run
 rename), so a reader never sees half of it::
 
     {"unit": "step", "desc": "sft", "done": 120, "total": 300, "metrics": {"loss": 1.23},
-     "started_unix": 1700000000.0, "updated_unix": 1700000042.5}
+     "started_unix": 1700000000.0, "updated_unix": 1700000042.5, "done_at_start": 0}
 
 ``unit`` is ``step`` (optimisation steps) or ``item`` (per-item work, e.g. images); ``started_unix``
-is when this phase's counting began (model loading is not part of it), so a reader can derive a rate
-and an ETA. A stage with several phases (segment, then QC) rewrites the file per phase.
+is when this phase's counting began (model loading is not part of it) and ``done_at_start`` what was
+already done then (a training run resumed from a checkpoint), so a reader can derive a rate and an
+ETA. A stage with several phases (segment, then QC) rewrites the file per phase.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ProgressRecord:
     started_unix: float
     updated_unix: float
     metrics: dict[str, float] = field(default_factory=dict)
+    done_at_start: int = 0
 
     @classmethod
     def from_json(cls, text: str) -> ProgressRecord:
@@ -46,14 +48,17 @@ class ProgressRecord:
         return cls(unit=str(data["unit"]), desc=str(data.get("desc", "")), done=int(data["done"]),
                    total=None if data.get("total") is None else int(data["total"]),
                    started_unix=float(data["started_unix"]), updated_unix=float(data["updated_unix"]),
-                   metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()})
+                   metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
+                   done_at_start=int(data.get("done_at_start") or 0))
 
     def eta_seconds(self) -> float | None:
         """Seconds left at the rate so far (None before the first unit or without a total)."""
-        if not self.total or self.done <= 0 or self.done >= self.total:
-            return 0.0 if self.total and self.done >= self.total else None
-        elapsed = self.updated_unix - self.started_unix
-        return elapsed / self.done * (self.total - self.done) if elapsed > 0 else None
+        if not self.total:
+            return None
+        if self.done >= self.total:
+            return 0.0
+        counted, elapsed = self.done - self.done_at_start, self.updated_unix - self.started_unix
+        return elapsed / counted * (self.total - self.done) if counted > 0 and elapsed > 0 else None
 
 
 class ProgressWriter:
@@ -67,7 +72,7 @@ class ProgressWriter:
         self.path = Path(path) if path else None
         self.unit, self.desc, self.total, self.min_interval = unit, desc, total, min_interval
         self.started = time.time()
-        self.done = 0
+        self.done = self.done_at_start = 0
         self.metrics: dict[str, float] = {}
         self._written = 0.0
 
@@ -79,9 +84,10 @@ class ProgressWriter:
     def enabled(self) -> bool:
         return self.path is not None
 
-    def start(self, total: int | None = None) -> None:
-        """(Re)start counting now, e.g. when training begins after the model has loaded."""
-        self.started, self.done = time.time(), 0
+    def start(self, total: int | None = None, done: int = 0) -> None:
+        """(Re)start counting now, e.g. when training begins after the model has loaded (``done``: the
+        units already done, e.g. the step a resumed training run starts from)."""
+        self.started, self.done, self.done_at_start = time.time(), done, done
         if total is not None:
             self.total = total
         self._write()
@@ -100,7 +106,7 @@ class ProgressWriter:
         if self.path is None:
             return
         record = ProgressRecord(self.unit, self.desc, self.done, self.total, self.started, time.time(),
-                                dict(self.metrics))
+                                dict(self.metrics), self.done_at_start)
         try:
             atomic_write_text(self.path, json.dumps(asdict(record), sort_keys=True))
         except OSError:  # progress is best effort: never fail a stage for it

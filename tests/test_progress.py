@@ -38,6 +38,11 @@ def test_writer_and_reader_round_trip_with_eta(tmp_path: Path) -> None:
     assert read_progress(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{")
     assert read_progress(tmp_path / "bad.json") is None
+    resumed = ProgressWriter(tmp_path / "r.json", "step", total=100, min_interval=0)
+    resumed.start(done=40)  # a training run resumed at step 40: its rate counts only the new steps
+    resumed.started -= 10
+    resumed.update(50)
+    assert read_progress(tmp_path / "r.json").eta_seconds() == pytest.approx(50, rel=0.05)  # type: ignore[union-attr]
     silent = ProgressWriter(None, "item")  # no COGALIGN_PROGRESS_FILE: nothing is written, nothing fails
     silent.update(3, total=4)
     assert not silent.enabled
