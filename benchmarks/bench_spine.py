@@ -76,7 +76,7 @@ def main() -> None:
         direct = direct_run(direct_ws, args.until)
         orchestrated, table = cli_run(run_ws, args.until)
         noop, noop_out = cli_run(run_ws, args.until)
-    print(table.rstrip())
+    print("\n".join(line for line in table.splitlines() if line[:1] in "┏┃┡│└"))  # the summary table
     print(f"data: {args.data}")
     print(f"direct stage functions up to {args.until}:       {direct:8.2f} s")
     print(f"`cogalign run --until {args.until}` (CLI):  {orchestrated:8.2f} s  "

@@ -19,11 +19,12 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """In the child, before exec: receive ``sig`` when the parent dies (Linux ``PR_SET_PDEATHSIG``).
+    """In a child process: receive ``sig`` when the parent dies (Linux ``PR_SET_PDEATHSIG``).
 
     "The parent" is the thread that started the child: start long-lived children from a thread that
     lives as long as they should.
@@ -32,7 +33,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
 
 
-def lead_group(on_term: object = None) -> None:
+def lead_group(on_term: Callable[[], None] | None = None) -> None:
     """In a process group leader: kill the whole group on SIGTERM/SIGHUP/SIGINT or when the parent dies.
 
     ``on_term`` (optional, called with no argument) runs first, e.g. to let a server stop cleanly.
@@ -40,7 +41,7 @@ def lead_group(on_term: object = None) -> None:
     parent = os.getppid()
 
     def kill_group(signum: int, frame: object) -> None:
-        if callable(on_term):
+        if on_term is not None:
             with contextlib.suppress(Exception):
                 on_term()
         os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -59,10 +59,6 @@ class DvcWorker:
                                      start_new_session=True)  # arms its own parent-death signal
         record_group(workspace, self.proc.pid, ROLE)
 
-    @property
-    def pgid(self) -> int:
-        return self.proc.pid
-
     def alive(self) -> bool:
         return self.proc.poll() is None
 

@@ -218,3 +218,23 @@ def test_cpu_stage_slots_default_to_the_cores(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(CPU_SLOTS_ENV, "zero")
     with pytest.raises(ValueError, match=CPU_SLOTS_ENV):
         cpu_stage_slots()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_concurrent_run_outputs_equal_a_one_stage_at_a_time_run(full_workspace: Path, spine_workspace: Path,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole tiny pipeline, one stage at a time (as the flow ran before), gives the same bytes as
+    the concurrent run of ``full_workspace`` (two CPU stages at a time on the test machine)."""
+    from cogalign.runner import run_pipeline
+    from tests.conftest import copy_workspace
+
+    ws = copy_workspace(spine_workspace, tmp_path / "ws")
+    monkeypatch.setenv(CPU_SLOTS_ENV, "1")
+    outcome = run_pipeline(ws)
+    windows = [(s["started_unix"], s["finished_unix"]) for s in outcome.stages if s["ran"]]
+    assert all(end <= start for (_, end), (start, _) in zip(sorted(windows), sorted(windows)[1:], strict=False))
+    concurrent = yaml.safe_load((full_workspace / "dvc.lock").read_text())["stages"]
+    sequential = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert sequential == concurrent
