@@ -172,6 +172,18 @@ def run_pipeline(workspace: str | os.PathLike[str], until: str | None = None, fr
         return outcome
 
 
+def previous_stage_seconds(ws: Workspace) -> dict[str, float]:
+    """Each stage's time in the latest run record that ran it (the scheduler starts the longest chain first)."""
+    seconds: dict[str, float] = {}
+    for path in sorted((ws.root / RUNS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            stages = json.loads(path.read_text()).get("stages") or []
+        except (OSError, ValueError):
+            continue
+        seconds.update({str(s["stage"]): float(s["seconds"]) for s in stages if s.get("ran")})
+    return seconds
+
+
 def apply_overrides(ws: Workspace, overrides: dict[str, str]) -> None:
     """Apply ``-S key.path=value`` overrides to params.yaml (validated; YAML-typed values)."""
     import yaml

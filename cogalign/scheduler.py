@@ -50,6 +50,24 @@ class DagRun(Generic[H]):
     failures: dict[str, Exception] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # stage -> the failed stage it depends on
 
+    def stage_results(self, nodes: Sequence[StageNode]) -> list[dict[str, Any]]:
+        """One entry per stage in ``nodes``' order: its result, or ``status`` failed / skipped and why."""
+        out: list[dict[str, Any]] = []
+        for node in nodes:
+            if node.name in self.results:
+                out.append(self.results[node.name])
+            elif node.name in self.failures:
+                out.append({"stage": node.name, "status": "failed", "ran": False,
+                            "error": str(self.failures[node.name])})
+            elif node.name in self.skipped:
+                out.append({"stage": node.name, "status": "skipped", "ran": False,
+                            "error": f"{self.skipped[node.name]} failed"})
+        return out
+
+    def first_failure(self, nodes: Sequence[StageNode]) -> Exception:
+        """The failure of the earliest failed stage in ``nodes``' (topological) order."""
+        return next(exc for n in nodes if (exc := self.failures.get(n.name)) is not None)
+
 
 def critical_path_priority(nodes: Sequence[StageNode], seconds: dict[str, float]) -> dict[str, float]:
     """For each stage, the expected seconds from its start to the end of its longest downstream chain."""

@@ -16,10 +16,11 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cogalign.dag import StageNode, downstream_closure, pipeline_stages, upstream_closure
+from cogalign.runner import previous_stage_seconds
 from cogalign.scheduler import cpu_stage_slots, critical_path_priority, run_dag
 from cogalign.stage_worker import worker_pool
 from cogalign.tasks.dvc_stage import allocator, dvc_stage
-from cogalign.workspace import RUNS_DIR, STATE_DIR, Workspace
+from cogalign.workspace import STATE_DIR, Workspace
 from cogalign_core import contract
 
 
@@ -30,19 +31,6 @@ def select_stages(stages: list[StageNode], until: str | None = None, from_stage:
         keep = {s.name for s in downstream_closure(stages, from_stage)}
         selected = [s for s in selected if s.name in keep]
     return [s.name for s in selected]
-
-
-def previous_stage_seconds(ws: Workspace) -> dict[str, float]:
-    """Each stage's time in the latest run record that ran it (for scheduling the longest chain first)."""
-    seconds: dict[str, float] = {}
-    records = sorted((ws.root / RUNS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)
-    for path in records:
-        try:
-            stages = json.loads(path.read_text()).get("stages") or []
-        except (OSError, ValueError):
-            continue
-        seconds.update({str(s["stage"]): float(s["seconds"]) for s in stages if s.get("ran")})
-    return seconds
 
 
 def _first_done(futures: list[PrefectFuture[dict[str, Any]]]) -> list[PrefectFuture[dict[str, Any]]]:
@@ -95,18 +83,9 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
                       uses_gpu=lambda n: gpus_present and n.gpus > 0,
                       priority=critical_path_priority(plan, previous_stage_seconds(ws)), on_result=finished,
                       on_skip=lambda n, cause: logger.warning("%s: skipped, %s failed", n.name, cause))
-    results: list[dict[str, Any]] = []
-    for node in plan:
-        if node.name in run.results:
-            results.append(run.results[node.name])
-        elif node.name in run.failures:
-            results.append({"stage": node.name, "status": "failed", "ran": False,
-                            "error": str(run.failures[node.name])})
-        elif node.name in run.skipped:
-            results.append({"stage": node.name, "status": "skipped", "ran": False,
-                            "error": f"{run.skipped[node.name]} failed"})
+    results = run.stage_results(plan)
     if run.failures:
-        first = next(exc for n in plan if (exc := run.failures.get(n.name)) is not None)
+        first = run.first_failure(plan)
         first.stages = results  # type: ignore[attr-defined]
         raise first
     return {"flow_run_id": run_id, "stages": results}
@@ -120,7 +99,7 @@ def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], res
     """Markdown artifact: what ran, on which device, output hashes (dvc.lock) and the stage's counts."""
     try:
         lock = ws.lock_stages().get(name, {})
-    except Exception:  # another stage's DVC may be rewriting dvc.lock this instant: hashes are in dvc.lock
+    except Exception:  # a concurrent stage's DVC may be rewriting dvc.lock right now: no hashes this time
         lock = {}
     lines = [f"### {name}", "", f"- status: {result['status']}",
              f"- seconds: {result['seconds']} (waited {result['waited']} for GPUs)", f"- devices: {result['devices']}",
