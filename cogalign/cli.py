@@ -7,8 +7,10 @@ function of ``cogalign``/``cogalign_core`` and prints the result, so splitting i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,26 +137,31 @@ def run(workspace: WorkspaceOpt = Path("."),
                                                   "drop_warning_fraction of its input).")] = False,
         set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Parameter override key.path=value.")] = None
         ) -> None:
-    """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics."""
+    """Run the pipeline (only stale stages run) and commit dvc.lock, params and metrics.
+
+    While stages run, each shows its progress (steps or items done, loss or reward, ETA): a live panel
+    on a terminal, plain lines every COGALIGN_PROGRESS_INTERVAL seconds (default 10) otherwise.
+    """
     from cogalign.processes import StageFailed
     from cogalign.runner import run_pipeline
     from cogalign.workspace import WorkspaceError
 
     try:
-        outcome = run_pipeline(workspace, until=until, from_stage=from_stage, force=force, commit=not no_commit,
-                               wait=wait, overrides=_parse_overrides(set_), push=push)
-    except (WorkspaceError, StageFailed) as exc:
+        with _progress_display():
+            outcome = run_pipeline(workspace, until=until, from_stage=from_stage, force=force, commit=not no_commit,
+                                   wait=wait, overrides=_parse_overrides(set_), push=push)
+    except StageFailed as exc:
+        if getattr(exc, "stages", None):
+            print_run_summary(exc.stages)  # type: ignore[attr-defined]
+        _fail(exc)
+    except WorkspaceError as exc:
         _fail(exc)
     if outcome.cleaned:
         console.print(f"cleaned after an interrupted run: {', '.join(outcome.cleaned)}")
     if outcome.up_to_date:
         console.print("[green]up to date[/]: nothing changed since the last run")
     else:
-        table = Table("stage", "status", "seconds", "device")
-        for s in outcome.stages:
-            table.add_row(str(s["stage"]), "ran" if s["ran"] else "up to date", f"{s['seconds']:.1f}",
-                          str(s["devices"]))
-        console.print(table)
+        print_run_summary(outcome.stages)
         for line in outcome.report.lines:
             console.print(line, soft_wrap=True, highlight=False)
         console.print(f"flow run [bold]{outcome.flow_run_id}[/] finished in {outcome.seconds:.0f}s; "
@@ -163,6 +170,29 @@ def run(workspace: WorkspaceOpt = Path("."),
         err.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     if strict and outcome.report.warnings:
         _fail(RuntimeError(f"--strict: the run ended with {len(outcome.report.warnings)} warning(s)"))
+
+
+@contextlib.contextmanager
+def _progress_display() -> Iterator[None]:
+    """Show running stages' progress: a rich live panel on a terminal, plain lines on a pipe or in CI."""
+    from cogalign.progress import BOARD, PlainDisplay, RichDisplay
+
+    if console.is_terminal:
+        with RichDisplay(console) as display, BOARD.attached(display):
+            yield
+    else:
+        with BOARD.attached(PlainDisplay(sys.stdout)):
+            yield
+
+
+def print_run_summary(stages: list[dict[str, object]]) -> None:
+    """The end-of-run table: one row per stage (status, seconds, device)."""
+    table = Table("stage", "status", "seconds", "device")
+    for s in stages:
+        seconds = s.get("seconds")
+        table.add_row(str(s["stage"]), str(s.get("status") or ("ran" if s.get("ran") else "up to date")),
+                      f"{seconds:.1f}" if isinstance(seconds, int | float) else "-", str(s.get("devices", "-")))
+    console.print(table)
 
 
 @app.command()
@@ -380,19 +410,19 @@ def retrain(drop: Annotated[Path, typer.Option("--drop", help="Drop folder where
             until: Annotated[str | None, typer.Option(help="Stop the pipeline after this stage (no decision).")] = None
             ) -> None:
     """Take new files from the drop folder, rerun what changed, promote the challenger only if better."""
-    from cogalign.runner import prepare_prefect_env
+    from cogalign.processes import StageFailed
+    from cogalign.runner import prefect_api
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
         ws = Workspace.open(workspace)
-        prepare_prefect_env(ws)
-        from cogalign.flows.retrain import retrain as retrain_flow
-        from cogalign.processes import StageFailed
+        with prefect_api(ws):
+            from cogalign.flows.retrain import retrain as retrain_flow
 
-        try:
-            out = retrain_flow(str(ws.root), str(drop.resolve()), until=until)
-        except StageFailed as exc:
-            _fail(exc)
+            try:
+                out = retrain_flow(str(ws.root), str(drop.resolve()), until=until)
+            except StageFailed as exc:
+                _fail(exc)
     except WorkspaceError as exc:
         _fail(exc)
     if out["noop"]:

@@ -1,26 +1,52 @@
-"""The pipeline DAG as DVC sees it: stage order and per-stage metadata, read from ``dvc.yaml``.
+"""The pipeline DAG as DVC sees it: stages, their edges and per-stage metadata, read from DVC's own graph.
 
-There is no second copy of the DAG: the Prefect flow asks DVC for its graph.
+There is no second copy of the DAG: the Prefect flow asks DVC for its graph (``Repo.index.graph``,
+the graph ``dvc repro`` itself walks) and schedules along its edges.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class StageNode:
-    """One runnable DVC stage (a ``foreach`` item is its own node, e.g. ``ingest_batch@b0001``)."""
+    """One runnable DVC stage (a ``foreach`` item is its own node, e.g. ``ingest_batch@b0001``).
+
+    ``upstream`` names the pipeline stages whose outputs this stage depends on (DVC's graph edges;
+    raw ``.dvc`` data sources are not stages and not listed).
+    """
 
     name: str
     gpus: int
     deps: tuple[str, ...]
     outs: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
 
 
 def pipeline_stages(workspace: Path) -> list[StageNode]:
-    """All stages in a deterministic topological order (dependencies first, then dvc.yaml order)."""
+    """All stages in a deterministic topological order (dependencies first, then dvc.yaml order).
+
+    Remembered per workspace while ``dvc.yaml`` and ``params.yaml`` (``foreach`` items) are unchanged,
+    so ``cogalign run`` reads the graph while the Prefect server starts and the flow finds it ready.
+    """
+    root = Path(workspace).resolve()
+    return list(_pipeline_stages(root, tuple(_stat(root / name) for name in ("dvc.yaml", "params.yaml"))))
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _pipeline_stages(workspace: Path, signature: tuple[object, ...]) -> tuple[StageNode, ...]:
+    del signature  # part of the cache key only
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
@@ -34,15 +60,17 @@ def pipeline_stages(workspace: Path) -> list[StageNode]:
         # DVC edges point from a stage to the stages it depends on; reverse for run order.
         ordered = list(nx.lexicographical_topological_sort(
             sub.reverse(copy=True), key=lambda s: (position.get(s.name, 1 << 30), s.name)))
-        return [
+        rank = {s: i for i, s in enumerate(ordered)}
+        return tuple(
             StageNode(
                 name=s.name,
                 gpus=int((s.meta or {}).get("gpus", 0)),
                 deps=tuple(str(d.def_path) for d in s.deps),
                 outs=tuple(str(o.def_path) for o in s.outs),
+                upstream=tuple(u.name for u in sorted(sub.successors(s), key=rank.__getitem__)),
             )
             for s in ordered
-        ]
+        )
 
 
 def paths_overlap(a: str, b: str) -> bool:
@@ -63,16 +91,14 @@ def upstream_closure(stages: list[StageNode], target: str) -> list[StageNode]:
     wanted = _named(stages, target)
     for s in reversed(stages):  # reverse topological order: one pass suffices
         if s.name in wanted:
-            wanted |= {p.name for p in stages if any(paths_overlap(d, o) for d in s.deps for o in p.outs)}
+            wanted.update(s.upstream)
     return [s for s in stages if s.name in wanted]
 
 
 def downstream_closure(stages: list[StageNode], start: str) -> list[StageNode]:
     """``start`` and every stage that (transitively) depends on it."""
     wanted = _named(stages, start)
-    outs = {o for s in stages if s.name in wanted for o in s.outs}
     for s in stages:  # topological order: one pass suffices
-        if s.name not in wanted and any(paths_overlap(d, o) for d in s.deps for o in outs):
+        if s.name not in wanted and wanted.intersection(s.upstream):
             wanted.add(s.name)
-            outs.update(s.outs)
     return [s for s in stages if s.name in wanted]

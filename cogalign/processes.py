@@ -1,9 +1,13 @@
-"""Stage child processes: die with the parent, and clean up after a killed run (no Prefect import).
+"""Child processes of a run (stage workers, the Prefect server): die with the run, and clean up
+after a killed one (no Prefect import).
 
-A stage runs as ``python -m cogalign.processes -- dvc repro ...``: this module is the leader of the
-stage's process group. The kernel signals it when the run that started it dies (even by SIGKILL),
-and it then kills the whole group, so the stage command DVC started (a grandchild of the run,
-which ``PR_SET_PDEATHSIG`` alone would not reach) never outlives the run.
+Every long-lived child of a run leads its own process group: a stage worker (``cogalign.stage_worker``,
+whose stage commands DVC starts inside that group) or a supervisor (``python -m cogalign.processes --
+CMD``, e.g. the ephemeral Prefect server). The kernel signals the leader when the run that started it
+dies, even by SIGKILL (``PR_SET_PDEATHSIG``), and the leader then kills its whole group, so no
+grandchild outlives the run. Each group is also recorded in the workspace's state folder
+(``.cogalign/groups/<pgid>.json``) with its owner; a later run ends any recorded group whose owner is
+gone (:func:`kill_stale_groups`). This module stays light: supervisors import nothing else at start.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
-
-PID_FILE = Path(".cogalign/stage.pid")
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """In the child, before exec: receive ``sig`` when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
+    """In a child process: receive ``sig`` when the parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    "The parent" is the thread that started the child: start long-lived children from a thread that
+    lives as long as they should.
+    """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
 
@@ -28,7 +37,7 @@ LOG_RESERVE = 64 * 1024   # bytes of a stage log allocated before the stage star
 LOG_TAIL = 16 * 1024      # the last bytes of a stage's output kept in memory
 
 
-class _StageLog:
+class StageLog:
     """Copies a stage's output to our stdout (the stage log) so that its end survives a full disk.
 
     Space for the first ``LOG_RESERVE`` bytes is allocated before the stage starts, and the last
@@ -46,6 +55,7 @@ class _StageLog:
         self.tail = bytearray()
         self.error: OSError | None = None
         self.start = self.reserved_end = 0
+        self.closed = False
         st = os.fstat(fd)
         self.is_file = stat.S_ISREG(st.st_mode) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
         if self.is_file:
@@ -69,9 +79,10 @@ class _StageLog:
                 self.error = exc
 
     def close(self) -> None:
-        """Cut the unused reserve; after a lost write, put the kept tail where it fits."""
-        if not self.is_file:
+        """Cut the unused reserve; after a lost write, put the kept tail where it fits (once)."""
+        if not self.is_file or self.closed:
             return
+        self.closed = True
         with contextlib.suppress(OSError):
             pos = os.lseek(self.fd, 0, os.SEEK_CUR)
             if self.error is not None:
@@ -85,19 +96,18 @@ class _StageLog:
             os.lseek(self.fd, pos, os.SEEK_SET)
 
 
-def supervise(cmd: list[str]) -> int:
-    """Run ``cmd`` inside this process group; kill the whole group if our parent dies.
 
-    Must run as the group leader (started with ``start_new_session``). The command's output goes
-    to our stdout through :class:`_StageLog`. Returns ``cmd``'s exit code.
+def lead_group(on_term: Callable[[], None] | None = None) -> None:
+    """In a process group leader: kill the whole group on SIGTERM/SIGHUP/SIGINT or when the parent dies.
+
+    ``on_term`` (optional, called with no argument) runs first, e.g. to let a server stop cleanly.
     """
-    import subprocess
-
     parent = os.getppid()
-    log = _StageLog(1)
 
     def kill_group(signum: int, frame: object) -> None:
-        log.close()
+        if on_term is not None:
+            with contextlib.suppress(Exception):
+                on_term()
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -105,12 +115,43 @@ def supervise(cmd: list[str]) -> int:
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         kill_group(signal.SIGTERM, None)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
+
+
+def supervise(cmd: list[str], grace: float = 0.0) -> int:
+    """Run ``cmd`` inside this process group; kill the whole group if our parent dies.
+
+    Must run as the group leader (started with ``start_new_session``). The command's output goes
+    to our stdout through :class:`StageLog`. With ``grace`` > 0 a stop request first sends SIGTERM
+    to ``cmd`` and waits up to ``grace`` seconds for it to exit (a server flushing its database).
+    Returns ``cmd``'s exit code.
+    """
+    child: list[subprocess.Popen[bytes]] = []
+    log = StageLog(1)
+
+    def stop_child() -> None:
+        # Runs in a signal handler that may interrupt Popen.wait() (which holds Popen's wait lock):
+        # wait with os.waitpid directly.
+        if grace > 0 and child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child[0].pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(child[0].pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.05)
+        log.close()
+
+    lead_group(stop_child)
+    child.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    stdout = child[0].stdout
+    assert stdout is not None
     try:
-        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+        while chunk := os.read(stdout.fileno(), 1 << 16):
             log.write(chunk)
-        return proc.wait()
+        return child[0].wait()
     finally:
         log.close()
 
@@ -135,37 +176,93 @@ def group_members_in(pgid: int, workspace: Path) -> list[int]:
     return members
 
 
-def kill_stale_stage(workspace: Path) -> int | None:
-    """End a stage process group left by a killed run (from the pid file); return its pgid.
+def _start_time(pid: int) -> float | None:
+    import psutil
 
-    The group leader is the supervisor of the ``dvc repro`` child; the stage command DVC started is in the same
-    group, so ending the group releases DVC's lock.
-    """
-    pid_file = workspace / PID_FILE
-    if not pid_file.exists():
-        return None
     try:
-        pgid = int(json.loads(pid_file.read_text())["pgid"])
-    except (ValueError, KeyError, OSError):
-        pid_file.unlink(missing_ok=True)
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    members = group_members_in(pgid, workspace)
-    for pid in members:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
-    return pgid if members else None
 
 
-if __name__ == "__main__":
-    import sys
+def groups_dir(workspace: Path) -> Path:
+    """Where ``workspace``'s process-group records live (in its unversioned state folder)."""
+    from cogalign.workspace import STATE_DIR
 
-    argv = sys.argv[1:]
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv:
-        sys.exit("usage: python -m cogalign.processes -- COMMAND [ARGS...]")
-    sys.exit(supervise(argv))
+    return workspace / STATE_DIR / "groups"
+
+
+def _owner_alive(pid: int, started: object) -> bool:
+    """True while process ``pid`` runs and is the one that was recorded (not a recycled pid)."""
+    now = _start_time(pid)
+    if now is None:
+        return False
+    return not isinstance(started, int | float) or abs(now - started) < 0.01
+
+
+def record_group(workspace: Path, pgid: int, role: str) -> Path:
+    """Record that this process owns group ``pgid`` (started with ``workspace`` as its cwd)."""
+    from cogalign_core.io import atomic_write_text
+
+    path = groups_dir(workspace) / f"{pgid}.json"
+    atomic_write_text(path, json.dumps({"pgid": pgid, "role": role, "owner_pid": os.getpid(),
+                                        "owner_started": _start_time(os.getpid())}))
+    return path
+
+
+def forget_group(workspace: Path, pgid: int) -> None:
+    (groups_dir(workspace) / f"{pgid}.json").unlink(missing_ok=True)
+
+
+def recorded_groups(workspace: Path) -> list[dict[str, object]]:
+    """The group records of ``workspace`` (unreadable ones dropped)."""
+    out = []
+    for path in sorted(groups_dir(workspace).glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    return out
+
+
+def kill_stale_groups(workspace: Path) -> list[str]:
+    """End every recorded group whose owner process is gone; return what was ended ("role group N").
+
+    A group whose owner still runs (another process's Prefect server started in this workspace)
+    is left alone. Members are matched by group id *and* working directory, so a recycled id is safe.
+    """
+    ended = []
+    for rec in recorded_groups(workspace):
+        try:
+            pgid, owner = int(rec["pgid"]), int(rec["owner_pid"])  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if _owner_alive(owner, rec.get("owner_started")):
+            continue  # e.g. another process's Prefect server started in this workspace: not stale
+        members = group_members_in(pgid, workspace)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if members:
+            ended.append(f"{rec.get('role', 'process')} group {pgid}")
+        forget_group(workspace, pgid)
+    return ended
+
+
+def end_group(leader: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+    """Stop a group this process started: SIGTERM to its leader (which ends the group, see
+    :func:`lead_group`), up to ``grace`` seconds for it to exit, then SIGKILL to whatever is left.
+
+    Waiting on the leader also reaps it (a dead leader not yet reaped still counts as a member).
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        leader.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=max(grace, 0.01))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=5)
 
 
 # Substrings of a stage's stderr that mark a transient failure worth retrying.
@@ -198,6 +295,9 @@ class StageFailed(RuntimeError):
         cause = failure_cause(tail, returncode)
         super().__init__(f"stage {stage!r} failed ({'transient' if self.transient else 'permanent'}): {cause}. "
                          f"Full log: {log_path}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (results may cross process boundaries)
+        return (type(self), (self.stage, self.returncode, self.log_path, self.tail), self.__dict__)
 
 
 def _alive(pid: int) -> bool:
@@ -238,3 +338,17 @@ def release_dead_dvc_locks(workspace: Path) -> list[int]:
     if dead:
         atomic_write_text(path, json.dumps(lock))
     return sorted(dead)
+
+
+if __name__ == "__main__":
+    import sys
+
+    argv = sys.argv[1:]
+    grace = 0.0
+    if argv[:1] == ["--grace"] and len(argv) > 1:
+        grace, argv = float(argv[1]), argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        sys.exit("usage: python -m cogalign.processes [--grace SECONDS] -- COMMAND [ARGS...]")
+    sys.exit(supervise(argv, grace))

@@ -44,7 +44,8 @@ def map_items(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, desc: 
     (``local`` starts a local cluster of :func:`default_workers` single-threaded worker processes;
     ``tcp://host:8786`` uses a running scheduler), otherwise a process pool of :func:`default_workers`
     processes (serial when 1 worker or few items, to skip pool start-up). A progress bar is shown on
-    stderr when ``desc`` is given and stderr is a terminal.
+    stderr when ``desc`` is given and stderr is a terminal; items done / total go to the stage's progress
+    file when ``COGALIGN_PROGRESS_FILE`` names one.
     """
     n = default_workers(workers)
     address = load_settings().dask_address
@@ -79,10 +80,17 @@ def _map_dask(fn: Callable[[T], R], items: Sequence[T], address: str, n: int) ->
 
 
 def _progress(desc: str | None, total: int) -> Callable[[int], None]:
+    """Progress of one fan-out: a bar on a terminal stderr, and the stage's progress file when the
+    orchestrator asked for one (``cogalign_core.progress``)."""
     import sys
 
+    from cogalign_core.progress import ProgressWriter
+
+    writer = ProgressWriter.from_env("item", desc or "", total)
+    if writer.enabled:
+        writer.start()
     if not desc or not sys.stderr.isatty() or total == 0:
-        return lambda done: None
+        return writer.update
     from rich.progress import Progress
 
     bar = Progress(transient=True)
@@ -90,6 +98,7 @@ def _progress(desc: str | None, total: int) -> Callable[[int], None]:
     bar.start()
 
     def update(done: int) -> None:
+        writer.update(done)
         bar.update(task, completed=done)
         if done >= total:
             bar.stop()

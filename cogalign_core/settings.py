@@ -40,6 +40,10 @@ class ExecutionSettings(BaseSettings):
         "auto", description="Torch device for the SAM segmenter; `auto` picks cuda when available.")
     sam_batch_size: int = Field(
         8, ge=1, description="Images encoded together in one forward pass of the SAM image encoder.")
+    cpu_stage_slots: int = Field(
+        0, ge=0, description="Stages `cogalign run` runs at once on the CPU (GPU stages wait for free devices "
+        "instead); 0 = one per usable CPU core. Training stages use `torch_threads` each and data stages fan out "
+        "over `workers`, so one stage per core keeps the cores busy without thrashing.")
     generate_batch_size: int = Field(32, ge=1, description="Evaluation prompts per generate() call.")
     drop_warning_fraction: float = Field(
         0.75, ge=0, le=1, description="`cogalign run` warns when a stage drops more than this share of its input "

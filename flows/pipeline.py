@@ -1,16 +1,26 @@
-"""The end-to-end flow: every DVC stage as a Prefect task, in the order DVC's own graph gives."""
+"""The end-to-end flow: every DVC stage as a Prefect task, started as soon as DVC's graph allows.
+
+Stages whose inputs are ready run side by side (``cogalign.scheduler``): GPU stages wait for devices
+from the allocator, CPU stages share the cores; a failed stage stops only what depends on it.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from cogalign.dag import StageNode, downstream_closure, pipeline_stages, upstream_closure
-from cogalign.tasks.dvc_stage import dvc_stage
-from cogalign.workspace import Workspace
+from cogalign.runner import previous_stage_seconds
+from cogalign.scheduler import cpu_stage_slots, critical_path_priority, run_dag
+from cogalign.stage_worker import worker_pool
+from cogalign.tasks.dvc_stage import allocator, dvc_stage
+from cogalign.workspace import STATE_DIR, Workspace
 from cogalign_core import contract
 
 
@@ -23,7 +33,11 @@ def select_stages(stages: list[StageNode], until: str | None = None, from_stage:
     return [s.name for s in selected]
 
 
-@flow(name="cogalign-end-to-end", log_prints=True)
+def _first_done(futures: list[PrefectFuture[dict[str, Any]]]) -> list[PrefectFuture[dict[str, Any]]]:
+    return [next(iter(as_completed(futures)))]
+
+
+@flow(name="cogalign-end-to-end", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=32))
 def end_to_end(workspace: str, until: str | None = None, from_stage: str | None = None, force: bool = False,
                recipe: str | None = None) -> dict[str, object]:
     """Run the pipeline on ``workspace``; DVC skips every stage whose inputs did not change.
@@ -34,6 +48,10 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         from_stage: restart from this stage (it and everything downstream are forced).
         force: rerun the selected stages even if DVC considers them up to date.
         recipe: switch ``params.model.recipe`` first (recorded like any params change).
+
+    Raises:
+        StageFailed: the first stage (in DVC's order) that failed, after the stages that did not
+            depend on it finished; its ``stages`` attribute lists what every stage did.
     """
     logger = get_run_logger()
     ws = Workspace.open(workspace)
@@ -42,21 +60,34 @@ def end_to_end(workspace: str, until: str | None = None, from_stage: str | None 
         params.model.recipe = recipe
         ws.write_params(params)
     run_id = str(flow_run.get_id() or "local")
-    log_dir = ws.root / ".cogalign" / "logs" / run_id
-    stages = pipeline_stages(ws.root)  # opening DVC's index costs about a second: once per run
+    log_dir = str(ws.root / STATE_DIR / "logs" / run_id)
+    stages = pipeline_stages(ws.root)  # DVC's index and graph: opened once per run
     nodes = {n.name: n for n in stages}
-    selected = select_stages(stages, until=until, from_stage=from_stage)
-    forced = set(selected) if (force or from_stage) else set()
-    results = []
-    for name in selected:
-        node = nodes[name]
-        result = dvc_stage(str(ws.root), name, node.gpus, str(log_dir), force=name in forced)
-        logger.info("%s: %s in %.1fs on %s", name, "ran" if result["ran"] else "up to date", result["seconds"],
-                    result["devices"])
-        _publish_stage_artifact(ws, name, node.outs, result)
-        if name == "evaluate":
+    plan = [nodes[name] for name in select_stages(stages, until=until, from_stage=from_stage)]
+    forced = {n.name for n in plan} if (force or from_stage) else set()
+    gpus_present = bool(allocator().devices)
+
+    def submit(node: StageNode, after: list[PrefectFuture[dict[str, Any]]]) -> PrefectFuture[dict[str, Any]]:
+        return dvc_stage.submit(str(ws.root), node.name, node.gpus, log_dir, force=node.name in forced,
+                                wait_for=after)  # wait_for: the dependency edges in Prefect's UI
+
+    def finished(node: StageNode, result: dict[str, Any]) -> None:
+        logger.info("%s: %s in %.1fs on %s", node.name, result["status"], result["seconds"], result["devices"])
+        _publish_stage_artifact(ws, node.name, node.outs, result)
+        if node.name == "evaluate":
             _publish_evaluation(ws)
-        results.append(result)
+
+    with worker_pool(ws.root) as pool:
+        pool.keep_spare = True  # a warm DVC worker is ready whenever a stage starts next to a running one
+        run = run_dag(plan, submit, _first_done, lambda f: f.result(), cpu_slots=cpu_stage_slots(workspace),
+                      uses_gpu=lambda n: gpus_present and n.gpus > 0,
+                      priority=critical_path_priority(plan, previous_stage_seconds(ws)), on_result=finished,
+                      on_skip=lambda n, cause: logger.warning("%s: skipped, %s failed", n.name, cause))
+    results = run.stage_results(plan)
+    if run.failures:
+        first = run.first_failure(plan)
+        first.stages = results  # type: ignore[attr-defined]
+        raise first
     return {"flow_run_id": run_id, "stages": results}
 
 
@@ -66,9 +97,13 @@ def _artifact_key(name: str) -> str:
 
 def _publish_stage_artifact(ws: Workspace, name: str, outs: tuple[str, ...], result: dict[str, object]) -> None:
     """Markdown artifact: what ran, on which device, output hashes (dvc.lock) and the stage's counts."""
-    lock = ws.lock_stages().get(name, {})
-    lines = [f"### {name}", "", f"- status: {'ran' if result['ran'] else 'up to date'}",
-             f"- seconds: {result['seconds']}", f"- devices: {result['devices']}", "", "| output | md5 |",
+    try:
+        lock = ws.lock_stages().get(name, {})
+    except Exception:  # a concurrent stage's DVC may be rewriting dvc.lock right now: no hashes this time
+        lock = {}
+    lines = [f"### {name}", "", f"- status: {result['status']}",
+             f"- seconds: {result['seconds']} (waited {result['waited']} for GPUs)", f"- devices: {result['devices']}",
+             "", "| output | md5 |",
              "| --- | --- |"]
     for out in lock.get("outs", []):
         lines.append(f"| `{out.get('path')}` | `{out.get('md5', '')}` |")

@@ -7,6 +7,7 @@ to the session's Prefect test server; the reference for "same outputs" is the un
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cogalign.processes import PID_FILE
+from cogalign.processes import groups_dir, kill_stale_groups, record_group
 from cogalign.workspace import init_workspace
 from cogalign_core.io import TMP_PREFIX, remove_stale_temps
 from tests.conftest import copy_workspace
@@ -69,16 +70,44 @@ def _temps(ws: Path) -> list[Path]:
     return sorted((ws / "data").rglob(f"{TMP_PREFIX}*"))
 
 
-def _stage_command_running(stage: str) -> bool:
-    needle = f"cogalign_core.stage {stage}".encode()
+def _pids_running(needle: str, ws: Path | None = None) -> list[int]:
+    """Pids whose command line contains ``needle`` (and whose cwd is ``ws``, when given)."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    return True
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle.encode() not in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
                 continue
-    return False
+            if ws is not None and Path(os.readlink(entry / "cwd")) != ws.resolve():
+                continue
+        except OSError:
+            continue
+        found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """A running (or stopped) process; a zombie waiting to be reaped counts as ended."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _stop_when_started(needle: str, ws: Path) -> list[int]:
+    """SIGSTOP every process running ``needle`` in ``ws`` (a shell and its command alike); the pids
+    that are now stopped (empty while there is none yet)."""
+    stopped = []
+    for pid in _pids_running(needle, ws):
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (ProcessLookupError, OSError):
+            continue
+        if state in ("T", "t"):
+            stopped.append(pid)
+    return stopped
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None):
@@ -88,7 +117,7 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes] | 
             return value
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"run exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -96,35 +125,51 @@ def _lock_stages(ws: Path) -> dict[str, object]:
     return yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
 
 
+def _prefect_servers_of(ws: Path) -> list[int]:
+    """Live Prefect API servers whose home is ``ws``'s (wherever their working directory is)."""
+    home = f"PREFECT_HOME={ws.resolve()}/".encode()
+    found = []
+    for pid in _pids_running("prefect.server.api.server:create_app"):
+        try:
+            if home in (Path("/proc") / str(pid) / "environ").read_bytes() and _alive(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 @pytest.mark.timeout(420)
 def test_sigkill_during_a_stage_then_resume_matches_an_uninterrupted_run(
         spine_workspace: Path, tmp_path: Path) -> None:
     ws = init_workspace(tmp_path / "ws", sample=True, salt=SALT).root
     log = tmp_path / "killed.log"
-    run = _start_run(ws, "--until", "annotate", log=log)
+    env = {k: v for k, v in _env().items() if k != "PREFECT_API_URL"}  # the run starts its own Prefect server
+    with open(log, "wb") as fh:
+        run = subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "annotate"], env=env, stdout=fh,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        # Kill inside `annotate` (the last stage): earlier stages are recorded in dvc.lock by then.
-        _wait(lambda: (ws / PID_FILE).exists() and '"annotate"' in (ws / PID_FILE).read_text(), 200,
-              "the annotate stage", run, log)
-        _wait(lambda: _stage_command_running("annotate"), 30, "the annotate stage command", run, log)
-        deadline = time.monotonic() + 1.5  # mid-stage: at its first temp file, or 1.5 s in
-        while time.monotonic() < deadline and not _temps(ws):
-            time.sleep(0.02)
-        os.killpg(run.pid, signal.SIGKILL)  # the whole CLI process group, as `kill -9 -PGID` would
+        # Freeze `annotate` (the last stage) as soon as its command exists: it cannot finish before the
+        # kill, whatever the machine's speed, and the earlier stages are recorded in dvc.lock by then.
+        stopped = _wait(lambda: _stop_when_started("cogalign_core.stage annotate", ws), 300,
+                        "the annotate stage command", run, log)
+        assert _prefect_servers_of(ws), "the run's own Prefect server is up"
+        os.kill(run.pid, signal.SIGKILL)  # the run process alone: its children must follow it by themselves
         run.wait(timeout=30)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    # Stage processes end with the run (their supervisor got the parent-death signal).
-    _wait(lambda: not _processes_in(ws), 15, "stage processes to end after the kill")
-    # No partial output: whatever the stage published before the kill is a complete file (atomic
-    # renames); on a fast machine annotations.parquet may already be whole when the kill lands.
+    # Every process of the killed run ends with it: stage workers, the frozen stage command, the server.
+    _wait(lambda: not _processes_in(ws) and not _prefect_servers_of(ws), 30,
+          "the killed run's processes (stage, workers, server) to end")
+    assert not _prefect_servers_of(ws) and not any(_alive(pid) for pid in stopped)
+    # No partial output: whatever the stage published before it was frozen is a complete file (atomic
+    # renames); DVC never recorded the stage, since its command never finished.
     published = ws / "data/annotate/annotations.parquet"
     if published.exists():
         import pyarrow.parquet as pq
 
         assert pq.read_table(published).num_rows > 0
-    assert (ws / PID_FILE).exists()  # the pid file survives a SIGKILL; the next start uses it
+    assert "annotate" not in _lock_stages(ws)
 
     resumed = _cli("run", "--workspace", str(ws), "--until", "annotate")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -133,8 +178,32 @@ def test_sigkill_during_a_stage_then_resume_matches_an_uninterrupted_run(
     # Only the interrupted stage reran; the finished ones were up to date.
     assert rows == {"ingest_batch@b0001": "up", "ingest": "up", "annotate": "ran"}, resumed.stdout
     assert _lock_stages(ws) == _lock_stages(spine_workspace)  # same outputs, same hashes
-    assert _temps(ws) == [] and not (ws / PID_FILE).exists()
+    assert _temps(ws) == [] and not list(groups_dir(ws).glob("*.json"))
     assert _processes_in(ws) == []
+
+
+def test_next_run_ends_a_recorded_group_whose_owner_is_gone(tmp_path: Path) -> None:
+    """The safety net behind the parent-death signal: a recorded group outliving its run is ended."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=ws, start_new_session=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        record_group(ws, orphan.pid, "prefect-server")
+        path = groups_dir(ws) / f"{orphan.pid}.json"
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "owner_pid": gone.pid}))  # as if a killed run had written it
+        mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=ws, start_new_session=True)
+        record_group(ws, mine.pid, "dvc-worker")  # owned by this live process: not stale
+        assert kill_stale_groups(ws) == [f"prefect-server group {orphan.pid}"]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert mine.poll() is None and [p.name for p in groups_dir(ws).iterdir()] == [f"{mine.pid}.json"]
+    finally:
+        for proc in (orphan, locals().get("mine")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.timeout(420)
@@ -144,16 +213,22 @@ def test_second_run_on_a_busy_workspace_refuses_or_waits(spine_workspace: Path, 
     log = tmp_path / "first.log"
     first = _start_run(ws, "--until", "annotate", "--force", log=log)
     try:
-        _wait(lambda: (ws / PID_FILE).exists(), 200, "the first run's first stage", first, log)
+        # Hold the first run inside its first stage (frozen) while the others try: no race with its end.
+        stopped = _wait(lambda: _stop_when_started("cogalign_core.stage", ws), 200, "the first run's first stage",
+                        first, log)
         refused = _cli("run", "--workspace", str(ws), "--until", "annotate")
         assert refused.returncode == 2
         assert "another cogalign command" in refused.stderr and "--wait" in refused.stderr
         assert f"pid {first.pid} running `cogalign run" in refused.stderr  # names the holder
-        waited = _cli("run", "--workspace", str(ws), "--until", "annotate", "--wait")
+        with open(tmp_path / "waited.log", "wb") as fh:
+            waiting = subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "annotate", "--wait"],
+                                       env=_env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert waiting.wait(timeout=300) == 0, (tmp_path / "waited.log").read_text()
         # --wait returns only after the first run released the lock, and then finds everything done.
-        assert first.poll() is not None and first.returncode == 0, log.read_text()[-3000:]
-        assert waited.returncode == 0, waited.stdout + waited.stderr
-        assert "up to date" in waited.stdout
+        assert first.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert "up to date" in (tmp_path / "waited.log").read_text()
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -178,12 +253,14 @@ def test_permanent_stage_error_stops_with_a_one_paragraph_summary(spine_workspac
     assert "ArrowInvalid" in message and "Parquet" in message  # the cause: the stage's own exception
     log_path = Path(message.rsplit("Full log: ", 1)[1].strip())
     assert log_path.is_file() and "Traceback" in log_path.read_text()
-    assert _task_run_counts(log_path.parent.name) == [1]  # a permanent error is not retried
-    assert _processes_in(ws) == [] and not (ws / PID_FILE).exists()
+    assert _task_run_counts(log_path.parent.name) == {"annotate": 1}  # a permanent error is not retried
+    assert _processes_in(ws) == [] and not list(groups_dir(ws).glob("*.json"))
+    # The table of what every selected stage did comes before the error.
+    assert "annotate" in out.stdout and "failed" in out.stdout
 
 
-def _task_run_counts(flow_run_id: str) -> list[int]:
-    """How many times each task of a flow run ran (Prefect counts retries in ``run_count``)."""
+def _task_run_counts(flow_run_id: str) -> dict[str, int]:
+    """How many times each task of a flow run was attempted (from the session's Prefect server)."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -191,7 +268,7 @@ def _task_run_counts(flow_run_id: str) -> list[int]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
-    return [r.run_count for r in runs]
+    return {run.name: run.run_count for run in runs}
 
 
 _WRITER = textwrap.dedent("""

@@ -139,6 +139,36 @@ def test_failed_stage_log_keeps_the_exception_when_the_disk_fills(tmp_path: Path
         "OSError: [Errno 28] No space left on device: 'data/sft/model/model.safetensors'"
 
 
+_WORKER_REQUEST = """
+import os, subprocess, sys
+from cogalign.stage_worker import _redirect
+end = _redirect(sys.argv[1], sys.argv[1])  # how a DVC worker points a stage command at its log
+code = subprocess.run([sys.executable, "-c", sys.argv[2]]).returncode
+devnull = os.open(os.devnull, os.O_RDWR)
+os.dup2(devnull, 1)
+os.dup2(devnull, 2)
+end()
+sys.exit(code)
+"""
+
+
+def test_stage_log_written_by_a_dvc_worker_keeps_the_exception_when_the_disk_fills(tmp_path: Path) -> None:
+    log_path = tmp_path / "sft.log"
+    log_path.write_text("earlier attempt\n")
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    code = subprocess.run([sys.executable, "-c", _WORKER_REQUEST, str(log_path), _NOISY_FAILING_STAGE],
+                          preexec_fn=small_disk).returncode
+    text = log_path.read_text()
+    assert code == 1 and len(text) <= 100_000 and text.startswith("earlier attempt\n")  # appended, not replaced
+    assert "this log could not be written in full" in text
+    assert failure_cause(text[-4000:], code) == \
+        "OSError: [Errno 28] No space left on device: 'data/sft/model/model.safetensors'"
+
+
 def test_run_record_names_its_own_commit_or_none(spine_workspace: Path, tmp_path: Path) -> None:
     root = copy_workspace(spine_workspace, tmp_path / "ws")
     ws = Workspace.open(root)

@@ -36,7 +36,7 @@ from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resum
 from cogalign_core.train.feature_cache import cached_tower
 from cogalign_core.train.launch import is_main_process, relaunch_if_allocated
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
-from cogalign_core.train.trainlog import StepLog, write_log_csv
+from cogalign_core.train.trainlog import ProgressCallback, StepLog, write_log_csv
 
 SFT_MODEL = sft.OUT_DIR / "model"
 
@@ -151,7 +151,8 @@ def train_grpo(workspace: Path, recipe: Recipe, start_dir: Path, out_dir: Path, 
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with training_dir(checkpoints, "cogalign-grpo-") as workdir:
-        trainer = build_trainer(model, processor, train_ds, recipe, workdir, max_steps, callbacks=[log],
+        trainer = build_trainer(model, processor, train_ds, recipe, workdir, max_steps,
+                                callbacks=[log, ProgressCallback()],
                                 checkpoint_args=checkpoints.trainer_args() if checkpoints else None)
         # A frozen tower encodes each image once: generation, the policy and the reference model
         # share one cache (their towers are bit-identical), so the G copies of a prompt cost one.

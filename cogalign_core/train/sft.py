@@ -37,7 +37,7 @@ from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resum
 from cogalign_core.train.feature_cache import cached_tower
 from cogalign_core.train.launch import is_main_process, relaunch_if_allocated
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
-from cogalign_core.train.trainlog import StepLog, write_log_csv
+from cogalign_core.train.trainlog import ProgressCallback, StepLog, write_log_csv
 
 OUT_DIR = Path(contract.stage_dir("sft"))
 LOG_COLUMNS: tuple[str, ...] = ("loss", "eval_loss", "learning_rate", "grad_norm")
@@ -142,7 +142,8 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
                                                          recipe.model.attn_implementation)
     log = StepLog()
     with training_dir(checkpoints, "cogalign-sft-") as workdir:
-        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, workdir, max_steps, callbacks=[log],
+        trainer = build_trainer(model, processor, train_ds, eval_ds, recipe, workdir, max_steps,
+                                callbacks=[log, ProgressCallback()],
                                 checkpoint_args=checkpoints.trainer_args() if checkpoints else None)
         with cached_tower(trainer.model) as cache:  # a frozen tower encodes each image once
             trainer.train(resume_from_checkpoint=resume_point(checkpoints, log))
