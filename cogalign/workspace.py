@@ -7,6 +7,10 @@ resolve to this install.
 
 Every command that changes a workspace (batch ids, ``params.yaml``, git commits, outputs) does so
 inside :func:`workspace_lock`: one kernel lock per workspace, held by one process at a time.
+
+Over 400 lines on purpose: the lock and the all-or-nothing registration/withdrawal must share the
+workspace's git and DVC helpers; splitting them would spread one invariant (only the lock holder
+changes a workspace) over several modules.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def run_key(workspace: Path, stage: str, inputs: Iterable[str], params: dict[str
             missing one counts as missing).
         params: the stage's params and resolved recipe, JSON-serialisable.
     """
-    from cogalign_core.fingerprint import code_fingerprint
+    from cogalign_core.stage import code_fingerprint
 
     ws = Path(workspace)
     code = ws / contract.fingerprint(stage)  # the fingerprint DVC saw; computed when run outside a workspace
