@@ -55,6 +55,7 @@ import pyarrow as pa
 from PIL import Image
 
 from cogalign_core import accounting, answer_format, contract, io, reuse, tables, taxonomy
+from cogalign_core.cf_coverage import coverage
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.counterfactual import CounterfactualParams
 from cogalign_core.executor import map_items
@@ -429,36 +430,6 @@ def build_tasks(workspace: Path, masks: list[dict[str, Any]], annotations: dict[
             labels={lv: ann[lv] for lv in taxonomy.LEVELS},
             sources={lv: ann[f"{lv}_source"] for lv in taxonomy.LEVELS}, params=dump))
     return tasks
-
-
-def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-parent coverage: parents, usable (a counterfactual and, when asked, its control), the usable
-    share, parents excluded by reason and usable parents whose fill was clipped to the lens image."""
-    parents = {r["parent_sample_id"]: r for r in rows if r["kind"] == "counterfactual_normal"}
-    usable = [r for r in parents.values() if not r["excluded"]]
-    return {"parents": len(parents), "usable": len(usable),
-            "usable_fraction": round(len(usable) / len(parents), 4) if parents else None,
-            "excluded_by_reason": dict(sorted(Counter(r["exclusion_reason"] for r in parents.values()
-                                                      if r["excluded"]).items())),
-            "usable_border_clipped": sum(1 for r in usable if r.get("fill_clipped"))}
-
-
-def gallery_examples(rows: list[dict[str, Any]], annotations: dict[str, dict[str, Any]], n: int = 6
-                     ) -> list[dict[str, Any]]:
-    """Before/after examples for a report: up to ``n`` usable parents (half of them border-clipped fills
-    when there are such), each ``{parent_sample_id, clipped, original, counterfactual, control, both}``
-    with workspace-relative image paths (``None`` where absent)."""
-    by_parent: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_parent.setdefault(r["parent_sample_id"], {})[r["kind"]] = r
-    usable = sorted(p for p, k in by_parent.items() if not k["counterfactual_normal"]["excluded"])
-    clipped = [p for p in usable if by_parent[p]["counterfactual_normal"].get("fill_clipped")]
-    chosen = clipped[:n // 2]
-    chosen += [p for p in usable if p not in chosen][:n - len(chosen)]
-    return [{"parent_sample_id": p, "clipped": bool(by_parent[p]["counterfactual_normal"].get("fill_clipped")),
-             "original": annotations[p]["image_path"] if p in annotations else None,
-             **{kind: (by_parent[p].get(kind) or {}).get("image_path") for kind in KINDS}}
-            for p in sorted(chosen)]
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from cogalign_core import accounting, answer_format, contract, metrics, report, tables, taxonomy
+from cogalign_core import accounting, answer_format, cf_coverage, contract, metrics, report, tables, taxonomy
 from cogalign_core.canvas import CanvasSpec, box_to_canvas, load_canvas, to_canvas
 from cogalign_core.config import PipelineParams
 from cogalign_core.io import atomic_write_json, atomic_write_text
@@ -319,6 +319,19 @@ def _short_answer(r: Mapping[str, Any]) -> str:
             + ("" if r["format_valid"] else " (format problems)"))
 
 
+def counterfactual_gallery(counterfactuals: Sequence[Mapping[str, Any]], by_id: Mapping[str, Mapping[str, Any]],
+                           n: int) -> list[report.GalleryItem]:
+    """Up to ``n`` usable counterfactual syntheses (half with a border-clipped fill when there are such) as
+    original / counterfactual normal / matched control, for the report's before/after section."""
+    examples = cf_coverage.gallery_examples([dict(r) for r in counterfactuals],
+                                            {k: dict(v) for k, v in by_id.items()}, n)
+    return [report.GalleryItem(
+        title=ex["parent_sample_id"] + (" (lesion at the frame edge: fill clipped to the lens image)" if ex["clipped"]
+                                        else ""),
+        images=[("original", ex["original"]), ("counterfactual normal", ex.get("counterfactual_normal")),
+                ("matched control", ex.get("control"))]) for ex in examples]
+
+
 def build_gallery(rows: Sequence[Mapping[str, Any]], prompts: Sequence[Prompt],
                   annotations: Mapping[str, Mapping[str, Any]], size: int, seed: int) -> list[report.GalleryItem]:
     """Up to ``size`` real lesion samples, those with a counterfactual first, each with every model's answers."""
@@ -453,7 +466,9 @@ def run_stage(workspace: Path, params: PipelineParams, item: str | None = None) 
     report.write_report(out / "report.html", metric_tree, confusion,
                         build_gallery(rows, prompts, by_id, ep.gallery_size, ep.seed), ws,
                         notes=_notes(counts, skipped, majority, ep.constant_answer, ep.bootstrap_resamples),
-                        title=f"CogAlign evaluation (recipe {params.model.recipe})")
+                        title=f"CogAlign evaluation (recipe {params.model.recipe})",
+                        cf_coverage=cf_coverage.coverage(counterfactuals) if counterfactuals else None,
+                        cf_gallery=counterfactual_gallery(counterfactuals, by_id, ep.gallery_size))
     # Model cards with this evaluation, under this stage's own output (the models belong to other stages).
     write_evaluated_cards(ws, metric_tree, {m: model_dir(ws, m) for m in ep.models})
     n_in = len(prompts) + len(skipped)

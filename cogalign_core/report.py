@@ -227,6 +227,9 @@ def _gallery_html(items: Sequence[GalleryItem], models: Sequence[str], workspace
             else:
                 figs.append(f'<figure><div class="na" style="width:{THUMB_SIDE}px">not available</div>'
                             f"<figcaption>{html.escape(label)}</figcaption></figure>")
+        if not models:  # images only (e.g. counterfactual syntheses)
+            out.append(f"<h3>{html.escape(item.title)}</h3>{''.join(figs)}")
+            continue
         conditions = list(dict.fromkeys(c for m in models for c in item.answers.get(m, {})))
         head = "".join(f"<th>{html.escape(c)}</th>" for c in conditions)
         body = "".join(
@@ -238,9 +241,21 @@ def _gallery_html(items: Sequence[GalleryItem], models: Sequence[str], workspace
     return "".join(out)
 
 
+def _coverage_html(cov: Mapping[str, Any]) -> str:
+    """Lesion parents, how many got a usable counterfactual, and why the others did not."""
+    rows = [("lesion parents", cov.get("parents")), ("usable (counterfactual and control)", cov.get("usable")),
+            ("usable share", cov.get("usable_fraction")),
+            ("usable with the fill clipped to the lens image", cov.get("usable_border_clipped"))]
+    rows += [(f"excluded: {reason}", n) for reason, n in (cov.get("excluded_by_reason") or {}).items()]
+    body = "".join(f'<tr><th>{html.escape(k)}</th><td class="num">{v if isinstance(v, int) else _fmt(v)}</td></tr>'
+                   for k, v in rows)
+    return f"<table><caption>counterfactual coverage, all splits</caption>{body}</table>"
+
+
 def render_report(metrics: Mapping[str, Any], confusion: Mapping[str, Sequence[tuple[str, str]]],
                   gallery: Sequence[GalleryItem], workspace: str | os.PathLike[str],
-                  notes: Sequence[str] = (), title: str = "CogAlign evaluation") -> str:
+                  notes: Sequence[str] = (), title: str = "CogAlign evaluation",
+                  cf_coverage: Mapping[str, Any] | None = None, cf_gallery: Sequence[GalleryItem] = ()) -> str:
     """The whole report page as a string.
 
     Args:
@@ -248,6 +263,8 @@ def render_report(metrics: Mapping[str, Any], confusion: Mapping[str, Sequence[t
         confusion: ``{f"{model}/{section}": [(actual, predicted), ...]}`` diagnosis pairs on real images.
         gallery: lesion samples to show (images are read from ``workspace``).
         notes: plain-text paragraphs (counts, exclusions, what baselines mean).
+        cf_coverage: :func:`cogalign_core.cf_coverage.coverage` of the counterfactual table (all splits).
+        cf_gallery: counterfactual syntheses to show before/after (no model answers).
     """
     ws = Path(workspace)
     models = list(metrics)
@@ -280,6 +297,11 @@ def render_report(metrics: Mapping[str, Any], confusion: Mapping[str, Sequence[t
     if gallery:
         parts.append("<h2>Gallery: original / mask / counterfactual / control</h2>")
         parts.append(_gallery_html(gallery, models, ws))
+    if cf_coverage:
+        parts.append("<h2>Counterfactual coverage</h2>" + _coverage_html(cf_coverage))
+    if cf_gallery:
+        parts.append("<h2>Counterfactual synthesis: before / after</h2>")
+        parts.append(_gallery_html(cf_gallery, [], ws))
     parts.append("</body></html>\n")
     return "".join(parts)
 

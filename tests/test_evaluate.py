@@ -188,6 +188,12 @@ def test_evaluate_stage_outputs_are_complete_honest_and_deterministic(workspace:
     assert page.count("data:image/jpeg;base64,") >= 2 and page.count("data:image/png;base64,") >= 6
     text = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", page)
     assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    # Counterfactual coverage by reason and the syntheses before/after (images decoded from the workspace).
+    coverage = text[text.index("<h2>Counterfactual coverage</h2>"):]
+    assert "excluded: mask_too_large</th><td class=\"num\">1<" in coverage
+    before_after = coverage[coverage.index("before / after"):]
+    assert before_after.count("<figcaption>counterfactual normal</figcaption>") >= 1
+    assert "not available" not in before_after.split("<h3>")[1]  # original, counterfactual and control shown
 
     prov = json.loads((out / "provenance.json").read_text())
     assert "data/annotate/annotations.parquet" in prov["inputs"] and "data/rl/model" in prov["inputs"]
