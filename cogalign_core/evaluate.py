@@ -122,11 +122,25 @@ def _canvas_boxes(row: Mapping[str, Any], spec: CanvasSpec) -> tuple[tuple[int, 
     return tuple(out)
 
 
+def _by_source_in_turn(rows: Sequence[Mapping[str, Any]],
+                       source: Any = lambda r: r["dataset"]) -> list[Mapping[str, Any]]:
+    """``rows`` (already in seeded order) reordered to take one row of each source in turn, keeping the
+    order within a source: any prefix covers every source as evenly as it can."""
+    rank: Counter[str] = Counter()
+    keyed = []
+    for i, r in enumerate(rows):
+        src = str(source(r))
+        keyed.append((rank[src], i, r))
+        rank[src] += 1
+    return [r for _, _, r in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
 def build_prompts(annotations: Sequence[Mapping[str, Any]], counterfactuals: Sequence[Mapping[str, Any]],
                   cap: int | None, seed: int, spec: CanvasSpec) -> tuple[list[Prompt], dict[str, Any]]:
     """All prompts of all test sections, plus counts of what was available, chosen and left out.
 
-    ``cap`` limits each section's conditions to that many samples (seeded hash order); None takes all.
+    ``cap`` limits each section's conditions to that many samples, taken in turn from each source dataset
+    (seeded hash order within a source), so a capped evaluation still scores every source; None takes all.
 
     Returns ``(prompts, counts)``; prompts are sorted by section, condition, parent, sample.
     """
@@ -141,7 +155,7 @@ def build_prompts(annotations: Sequence[Mapping[str, Any]], counterfactuals: Seq
         chosen: list[Mapping[str, Any]] = []
         for cond, rows in ((metrics.LESION, [r for r in real if taxonomy.is_lesion_diagnosis(r["diagnosis"])]),
                            (metrics.NORMAL, [r for r in real if not taxonomy.is_lesion_diagnosis(r["diagnosis"])])):
-            picked = rows[:cap]
+            picked = _by_source_in_turn(rows)[:cap]
             c[cond] = {"available": len(rows), "chosen": len(picked)}
             chosen += picked
             prompts += [Prompt(section, cond, r["sample_id"], r["sample_id"], r["group_key"], r["dataset"],
@@ -156,7 +170,7 @@ def build_prompts(annotations: Sequence[Mapping[str, Any]], counterfactuals: Seq
             orphan = [d for d in usable if d["parent_sample_id"] not in by_id]
             paired = sorted((d for d in usable if d["parent_sample_id"] in lesion_ids),
                             key=lambda d: _order_key(seed, d["sample_id"]))
-            picked = paired[:cap]
+            picked = _by_source_in_turn(paired, lambda d: by_id[d["parent_sample_id"]]["dataset"])[:cap]
             c[kind] = {"available": len(rows), "excluded": dict(sorted(excluded.items())),
                        "parent_missing": len(orphan), "parent_not_chosen": len(usable) - len(orphan) - len(paired),
                        "chosen": len(picked)}

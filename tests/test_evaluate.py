@@ -244,3 +244,17 @@ def test_shuffled_probe_mixes_classes_at_about_the_class_rate():
     # Half the images are of each class: about half the pairs show the other class (not 2 of 60).
     cross = sum(p.sample_id[0] != p.parent_sample_id[0] for p in shuffled)
     assert 15 <= cross <= 45
+
+
+def test_a_capped_evaluation_takes_every_source_in_turn():
+    from cogalign_core.canvas import CanvasSpec
+    from cogalign_core.evaluate import build_prompts
+
+    polyp = {**POLYP, "morphology": "single small lesion"}
+    ann = [_row(f"k{i:02d}", "kvasir-seg", "test", f"g{i}", f"k{i}.png", None, 100, 100, [], polyp) for i in range(20)]
+    ann.append(_row("c00", "cvc-clinicdb", "test", "s0", "c0.png", None, 100, 100, [], polyp))
+    for seed in range(5):  # one CVC frame among 21 lesions is always among 2 capped picks
+        prompts, counts = build_prompts(ann, [], cap=2, seed=seed, spec=CanvasSpec())
+        lesions = [p for p in prompts if p.condition == metrics.LESION]
+        assert counts["test"]["lesion"] == {"available": 21, "chosen": 2}
+        assert {p.dataset for p in lesions} == {"kvasir-seg", "cvc-clinicdb"}

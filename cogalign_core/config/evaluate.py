@@ -26,7 +26,8 @@ class EvaluateParams(BaseModel):
     max_samples_per_condition: int | None = Field(
         None, ge=1,
         description="Optional cap per test section and condition (real lesion, real normal, counterfactual, control, "
-        "both), chosen by a seeded hash of the sample id; None (the default) scores every test image and every "
+        "both), taken from each source dataset in turn in a seeded hash order of the sample ids, so every source is "
+        "scored; None (the default) scores every test image and every "
         "usable test counterfactual/control. Probes reuse the chosen real images. The report states n everywhere.")
     max_new_tokens: int = Field(
         48, ge=8,
