@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,17 @@ SAMPLE = REPO / "data" / "sample"
 TINY = "tiny"  # the fast recipe: pipeline tests run it; the default (lite0-small) has its own tests
 SALT = "test-salt-" + "0" * 32
 
+
+COGALIGN = str(Path(sys.executable).parent / "cogalign")  # the CLI of the interpreter running the tests
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for a ``cogalign`` child process: offline, the session's Prefect server (no
+    ephemeral server per run), and a wide console so rich never wraps a one-paragraph error."""
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(os.environ, HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PREFECT_LOGGING_LEVEL="WARNING",
+                COLUMNS="1000", PREFECT_API_URL=str(PREFECT_API_URL.value()))
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from cogalign_core.train import checkpoints as ckpt
 from cogalign_core.train.recipe import TrainSpec
 from cogalign_core.train.trainlog import StepLog
-from tests.conftest import TINY, copy_stage_tables, copy_workspace
+from tests.conftest import COGALIGN, TINY, cli_env, copy_stage_tables, copy_workspace
 
 TRAIN = TrainSpec(max_steps=10, learning_rate=1e-3, save_steps=5, save_total_limit=2)
 
@@ -192,19 +192,12 @@ def test_killed_sft_resumes_to_the_uninterrupted_model_and_other_params_start_ov
 
 # ---------------------------------------------------------------------------------------- acceptance
 
-COGALIGN = str(Path(sys.executable).parent / "cogalign")
 
-
-def _env() -> dict[str, str]:
-    from prefect.settings import PREFECT_API_URL
-
-    return dict(os.environ, HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PREFECT_LOGGING_LEVEL="WARNING",
-                COLUMNS="1000", PREFECT_API_URL=str(PREFECT_API_URL.value()))
 
 
 def _start_run(ws: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "wb") as fh:
-        return subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "rl", *args], env=_env(),
+        return subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "rl", *args], env=cli_env(),
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -252,7 +245,7 @@ def test_cogalign_run_killed_in_sft_then_in_rl_resumes_both(full_workspace: Path
     _kill_run_after_checkpoint(ws, "rl", tmp_path / "run2.log")  # resumes sft, then is killed in rl
     assert "sft: resumed from step 10 of 16" in _stage_logs(ws, "sft")
 
-    final = subprocess.run([COGALIGN, "run", "--workspace", str(ws), "--until", "rl"], env=_env(),
+    final = subprocess.run([COGALIGN, "run", "--workspace", str(ws), "--until", "rl"], env=cli_env(),
                            capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert "rl: resumed from step 2 of 4" in _stage_logs(ws, "rl")

@@ -25,10 +25,10 @@ import pytest
 
 from cogalign.workspace import LOCK_FILE, Workspace, init_workspace, register
 from cogalign_core.io import TMP_PREFIX, remove_stale_temps
+from tests.conftest import COGALIGN
 
 SALT = "concurrency-salt-" + "0" * 32
 CVC = Path(__file__).resolve().parents[1] / "data" / "sample" / "cvc-clinicdb"
-COGALIGN = str(Path(sys.executable).parent / "cogalign")
 
 _SHIM = textwrap.dedent("""
     import errno, os, sys, time

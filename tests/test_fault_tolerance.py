@@ -22,31 +22,20 @@ import yaml
 from cogalign.processes import groups_dir, kill_stale_groups, record_group
 from cogalign.workspace import init_workspace
 from cogalign_core.io import TMP_PREFIX, remove_stale_temps
-from tests.conftest import copy_workspace
+from tests.conftest import COGALIGN, cli_env, copy_workspace
 
 SALT = "test-salt-" + "0" * 32  # the spine_workspace salt: same inputs -> same dvc.lock
-COGALIGN = str(Path(sys.executable).parent / "cogalign")
 
-
-def _env() -> dict[str, str]:
-    """Child environment pointing at the session's Prefect server (no ephemeral server per run)."""
-    from prefect.settings import PREFECT_API_URL
-
-    # COLUMNS: rich must not wrap the one-paragraph error (and its log path) at 80 columns.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PREFECT_LOGGING_LEVEL="WARNING",
-               COLUMNS="1000")
-    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
-    return env
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COGALIGN, *args], env=_env(), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([COGALIGN, *args], env=cli_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 
 def _start_run(ws: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as fh:
-        return subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), *args], env=_env(), stdout=fh,
+        return subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), *args], env=cli_env(), stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -143,7 +132,7 @@ def test_sigkill_during_a_stage_then_resume_matches_an_uninterrupted_run(
         spine_workspace: Path, tmp_path: Path) -> None:
     ws = init_workspace(tmp_path / "ws", sample=True, salt=SALT).root
     log = tmp_path / "killed.log"
-    env = {k: v for k, v in _env().items() if k != "PREFECT_API_URL"}  # the run starts its own Prefect server
+    env = {k: v for k, v in cli_env().items() if k != "PREFECT_API_URL"}  # the run starts its own Prefect server
     with open(log, "wb") as fh:
         run = subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "annotate"], env=env, stdout=fh,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -222,7 +211,7 @@ def test_second_run_on_a_busy_workspace_refuses_or_waits(spine_workspace: Path, 
         assert f"pid {first.pid} running `cogalign run" in refused.stderr  # names the holder
         with open(tmp_path / "waited.log", "wb") as fh:
             waiting = subprocess.Popen([COGALIGN, "run", "--workspace", str(ws), "--until", "annotate", "--wait"],
-                                       env=_env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                       env=cli_env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         assert waiting.wait(timeout=300) == 0, (tmp_path / "waited.log").read_text()

@@ -24,22 +24,11 @@ from cogalign.processes import failure_cause
 from cogalign.runner import run_pipeline
 from cogalign.workspace import Workspace
 from cogalign_core.io import TMP_PREFIX, remove_stale_temps, sha256_file
-from tests.conftest import copy_stage_tables, copy_workspace
-
-COGALIGN = str(Path(sys.executable).parent / "cogalign")
-
-
-def _env() -> dict[str, str]:
-    from prefect.settings import PREFECT_API_URL
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PREFECT_LOGGING_LEVEL="WARNING",
-               COLUMNS="1000")
-    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
-    return env
+from tests.conftest import COGALIGN, cli_env, copy_stage_tables, copy_workspace
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COGALIGN, *args], env=_env(), capture_output=True, text=True, timeout=300,
+    return subprocess.run([COGALIGN, *args], env=cli_env(), capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
 
 
@@ -75,7 +64,7 @@ def test_corrupted_cache_object_is_reported_by_status_run_and_verify(spine_works
     # DVC checks the garbled object out without a word (the silent path of the issue).
     (ws / "data/annotate/annotations.parquet").unlink()
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "-q", "data/annotate"], cwd=ws, check=True,
-                   env=_env(), capture_output=True)
+                   env=cli_env(), capture_output=True)
     lock_before = (ws / "dvc.lock").read_text()
     named = "data/annotate/annotations.parquet"
 

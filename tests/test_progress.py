@@ -8,16 +8,13 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cogalign.progress import PlainDisplay, ProgressBoard, RichDisplay, StageProgressFeed
 from cogalign_core.progress import PROGRESS_ENV, ProgressRecord, ProgressWriter, format_progress, read_progress
-from tests.conftest import TINY, copy_stage_tables, copy_workspace
-
-COGALIGN = str(Path(sys.executable).parent / "cogalign")
+from tests.conftest import COGALIGN, TINY, copy_stage_tables, copy_workspace
 
 
 def test_writer_and_reader_round_trip_with_eta(tmp_path: Path) -> None:
