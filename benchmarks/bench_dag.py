@@ -41,13 +41,14 @@ def _inside(path: str, folder: str) -> bool:
 def sleeping_pipeline(dvc_yaml: dict, scale: float) -> dict:
     """``dvc_yaml`` with each command replaced by ``sleep`` + creating its outputs (files others read too)."""
     bodies = {name: (spec["do"] if "foreach" in spec else spec) for name, spec in dvc_yaml["stages"].items()}
-    all_deps = [str(d) for body in bodies.values() for d in body.get("deps", [])]
+    all_deps = [str(next(iter(d)) if isinstance(d, dict) else d) for body in bodies.values()
+                for d in body.get("deps", [])]
     for name, body in bodies.items():
         if name not in SECONDS:
             raise SystemExit(f"no sleep time for stage {name!r}: add it to SECONDS")
         dirs, files = [], []
-        for out in map(str, body.get("outs", [])):
-            out = next(iter(out)) if isinstance(out, dict) else out
+        for entry in body.get("outs", []):
+            out = str(next(iter(entry)) if isinstance(entry, dict) else entry)  # `- path: {persist: true}`
             if Path(out).suffix:  # a file output
                 files.append(out)
             else:  # a directory output: a marker plus every file another stage reads inside it

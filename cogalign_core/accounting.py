@@ -54,10 +54,22 @@ class StageCount:
                 + (f" ({reasons})" if reasons else ""))
 
 
+class UnreadableSummary(ValueError):
+    """A stage's ``summary.json`` exists but is not a JSON object (e.g. truncated by hand)."""
+
+
 def _summary(workspace: Path, stage: str) -> dict[str, Any] | None:
     rel = contract.summary_path(stage)
     path = Path(workspace) / rel if rel else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableSummary(f"{rel}: {exc}") from None
+    if not isinstance(summary, dict):
+        raise UnreadableSummary(f"{rel}: not a JSON object")
+    return summary
 
 
 def read_count(workspace: Path, stage: str) -> StageCount | None:
@@ -76,7 +88,10 @@ class RunReport:
 
 def batch_warnings(workspace: Path, batches: Iterable[str]) -> list[str]:
     """Batches that yield no usable sample: none annotated (or, before annotation, none ingested)."""
-    annotate = _summary(workspace, "annotate") or {}
+    try:
+        annotate = _summary(workspace, "annotate") or {}
+    except UnreadableSummary:
+        annotate = {}  # run_report already warned
     per_batch = annotate.get(BY_BATCH, {})
     out = []
     for batch in batches:
@@ -84,7 +99,10 @@ def batch_warnings(workspace: Path, batches: Iterable[str]) -> list[str]:
             count = StageCount.from_block(f"annotate[{batch}]", per_batch[batch])
             stage = "annotate"
         else:
-            count = read_count(workspace, f"ingest_batch@{batch}")  # type: ignore[assignment]
+            try:
+                count = read_count(workspace, f"ingest_batch@{batch}")  # type: ignore[assignment]
+            except UnreadableSummary:
+                continue
             stage = "ingest"
             if count is None:
                 continue
@@ -103,7 +121,11 @@ def run_report(workspace: Path, stages: Iterable[str], batches: Iterable[str], d
     """Lines and warnings for ``stages`` (DVC stage names) of a workspace holding ``batches``."""
     report = RunReport()
     for stage in stages:
-        count = read_count(workspace, stage)
+        try:
+            count = read_count(workspace, stage)
+        except UnreadableSummary as exc:  # the run itself succeeded: say so rather than crash its report
+            report.warnings.append(f"{stage}: no counts, its summary is unreadable ({exc})")
+            continue
         if count is None:
             continue
         report.lines.append(count.line())
