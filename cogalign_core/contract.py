@@ -149,7 +149,9 @@ class StageIO:
 
 
 _TRAIN_SPLITS = (annotation_split("train"),)
-_ARM_INPUTS = (BASE_MODEL, annotation_split("train"), annotation_split("val"), counterfactual_split("train"))
+# SFT on real images only (the recipe validator refuses counterfactuals in an `sft` recipe), so `sft` need not
+# wait for the mask and counterfactual stages; `sft_cf` reads the train split's counterfactuals too.
+_SFT_INPUTS = (BASE_MODEL, annotation_split("train"), annotation_split("val"))
 
 STAGES: dict[str, StageIO] = {
     "ingest_batch": StageIO(deps=(raw_batch(ITEM),), outs=(ingest_batch(ITEM),),
@@ -164,8 +166,9 @@ STAGES: dict[str, StageIO] = {
     "counterfactual": StageIO(deps=(ANNOTATIONS, MASKS, INGEST_BATCHES), outs=(COUNTERFACTUAL,),
                               params=("counterfactual",), persist=(COUNTERFACTUAL,)),
     "base_model": StageIO(deps=_TRAIN_SPLITS, outs=(BASE_MODEL,), params=("model",)),
-    "sft": StageIO(deps=_ARM_INPUTS, outs=(stage_dir("sft"),), params=("model",)),
-    "sft_cf": StageIO(deps=_ARM_INPUTS, outs=(stage_dir("sft_cf"),), params=("model",)),
+    "sft": StageIO(deps=_SFT_INPUTS, outs=(stage_dir("sft"),), params=("model",)),
+    "sft_cf": StageIO(deps=(*_SFT_INPUTS, counterfactual_split("train")), outs=(stage_dir("sft_cf"),),
+                      params=("model",)),
     "rl_no_cf": StageIO(deps=(stage_dir("sft"), annotation_split("train")), outs=(stage_dir("rl_no_cf"),),
                         params=("model",)),
     "rl": StageIO(deps=(stage_dir("sft"), annotation_split("train"), counterfactual_split("train")),
