@@ -503,6 +503,9 @@ def study(workspace: WorkspaceOpt = Path("."),
           set_: Annotated[list[str] | None, typer.Option(
               "--set", "-S", help="Parameter override for every experiment, key.path=value (e.g. "
               "model.rl_max_steps=200); recorded in the table.")] = None,
+          dry_run: Annotated[bool, typer.Option(
+              help="Check the request and print the experiments it would run (name, -S overrides); run nothing.")
+          ] = False,
           wait: WaitOpt = False) -> None:
     """Train every arm for N seeds as recorded DVC experiments and write one table (studies/<name>/).
 
@@ -510,12 +513,20 @@ def study(workspace: WorkspaceOpt = Path("."),
     """
     from cogalign.processes import StageFailed
     from cogalign.runner import prepare_prefect_env
-    from cogalign.study import run_study
+    from cogalign.study import check_request, conditions, planned, run_study
     from cogalign.workspace import Workspace, WorkspaceError
 
     try:
-        prepare_prefect_env(Workspace.open(workspace))
+        ws = Workspace.open(workspace)
         _parse_overrides(set_)  # the same key=value check as `cogalign run -S`
+        check_request(seeds, set_ or [])
+        if dry_run:
+            for _, _, exp, exp_overrides in planned(name or "<name>", conditions(cross_source or []),
+                                                    list(range(seeds)), set_ or []):
+                console.print(f"{exp}: dvc exp run --temp -n {exp} " + " ".join(f"-S {o}" for o in exp_overrides),
+                              soft_wrap=True, highlight=False, markup=False)
+            return
+        prepare_prefect_env(ws)
         out = run_study(workspace, seeds, name, cross_source or [], overrides=set_ or [], wait=wait)
     except (WorkspaceError, StageFailed) as exc:
         _fail(exc)

@@ -117,6 +117,15 @@ def _table(ws: Workspace, study: str, conds: Sequence[Condition], seeds: Sequenc
     return study_table(rows, {c.name: c.held_out for c in conds}, arms, n_resamples=n_resamples, seed=seed)
 
 
+def check_request(seeds: int, overrides: Sequence[str]) -> None:
+    """Refuse a study request that cannot run: no seed, or an override of what the study sets itself."""
+    if seeds < 1:
+        raise WorkspaceError("--seeds must be at least 1")
+    for o in overrides:
+        if "=" not in o or o.split("=", 1)[0].strip() in ("model.seed", "model.train_exclude_datasets"):
+            raise WorkspaceError(f"study override {o!r}: expected key.path=value, not the seed or held-out sources")
+
+
 def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_sources: Sequence[str] = (),
               n_resamples: int = 1000, overrides: Sequence[str] = (), wait: bool = False) -> Path:
     """Run (or resume) the study and return the folder holding ``study.json`` and ``study.md``.
@@ -128,11 +137,7 @@ def run_study(workspace: str | Path, seeds: int, name: str | None = None, cross_
     """
     from cogalign.runner import workspace_lock
 
-    if seeds < 1:
-        raise WorkspaceError("--seeds must be at least 1")
-    for o in overrides:
-        if "=" not in o or o.split("=", 1)[0].strip() in ("model.seed", "model.train_exclude_datasets"):
-            raise WorkspaceError(f"study override {o!r}: expected key.path=value, not the seed or held-out sources")
+    check_request(seeds, overrides)
     ws = Workspace.open(workspace)
     with workspace_lock(ws, wait=wait):
         return _run_study_locked(ws, seeds, name, cross_sources, n_resamples, overrides)
