@@ -7,10 +7,11 @@ not import the synthesis code (OpenCV, inpainting) to describe its output.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def coverage(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-parent coverage: parents, usable (a counterfactual and, when asked, its control), the usable
     share, parents excluded by reason and usable parents whose fill was clipped to the lens image."""
     parents = {r["parent_sample_id"]: r for r in rows if r["kind"] == "counterfactual_normal"}
@@ -22,12 +23,12 @@ def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "usable_border_clipped": sum(1 for r in usable if r.get("fill_clipped"))}
 
 
-def gallery_examples(rows: list[dict[str, Any]], annotations: dict[str, dict[str, Any]], n: int = 6
+def gallery_examples(rows: Sequence[Mapping[str, Any]], annotations: Mapping[str, Mapping[str, Any]], n: int = 6
                      ) -> list[dict[str, Any]]:
     """Before/after examples for a report: up to ``n`` usable parents (half of them border-clipped fills
     when there are such), each ``{parent_sample_id, clipped, original, <kind>...}`` (one key per row kind:
     ``counterfactual_normal``, ``control``, ``both``) with workspace-relative image paths (``None`` where absent)."""
-    by_parent: dict[str, dict[str, dict[str, Any]]] = {}
+    by_parent: dict[str, dict[str, Mapping[str, Any]]] = {}
     for r in rows:
         by_parent.setdefault(r["parent_sample_id"], {})[r["kind"]] = r
     kinds = sorted({r["kind"] for r in rows})

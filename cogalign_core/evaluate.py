@@ -337,8 +337,7 @@ def counterfactual_gallery(counterfactuals: Sequence[Mapping[str, Any]], by_id: 
                            n: int) -> list[report.GalleryItem]:
     """Up to ``n`` usable counterfactual syntheses (half with a border-clipped fill when there are such) as
     original / counterfactual normal / matched control, for the report's before/after section."""
-    examples = cf_coverage.gallery_examples([dict(r) for r in counterfactuals],
-                                            {k: dict(v) for k, v in by_id.items()}, n)
+    examples = cf_coverage.gallery_examples(counterfactuals, by_id, n)
     return [report.GalleryItem(
         title=ex["parent_sample_id"] + (" (lesion at the frame edge: fill clipped to the lens image)" if ex["clipped"]
                                         else ""),
