@@ -29,12 +29,11 @@ from cogalign_core import accounting, contract
 from cogalign_core.config import PipelineParams
 from cogalign_core.config.model import ModelParams
 from cogalign_core.io import atomic_write_json
-from cogalign_core.provenance import write_provenance
 from cogalign_core.rewards import REWARDS
-from cogalign_core.train import base_model, data, model_card, modeling, sft
-from cogalign_core.train.checkpoints import Checkpoints, open_checkpoints, resume_point, training_dir
+from cogalign_core.train import base_model, data, modeling, sft
+from cogalign_core.train.checkpoints import Checkpoints, resume_point, training_dir
 from cogalign_core.train.feature_cache import cached_tower
-from cogalign_core.train.launch import is_main_process, relaunch_if_allocated
+from cogalign_core.train.launch import relaunch_if_allocated
 from cogalign_core.train.recipe import ARM_METHODS, Recipe, stage_recipe
 from cogalign_core.train.trainlog import ProgressCallback, StepLog, write_log_csv
 
@@ -187,14 +186,9 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     inputs = [data.split_table(data.ANNOTATE_DIR, "train"), SFT_MODEL.as_posix()]
     if recipe.grpo is not None and recipe.grpo.use_counterfactuals:
         inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    used = {"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")}
-    checkpoints = open_checkpoints(workspace, stage, inputs, used, recipe.train)
-    summary = train_grpo(workspace, recipe, start, out, params.model, checkpoints=checkpoints)
-    if not is_main_process():
-        return
-    write_provenance(out, stage, workspace, inputs, params=used, extra={"steps": summary["steps"]})
-    model_card.write_training_cards(workspace, stage, recipe, params, SFT_MODEL.as_posix())
-    checkpoints.finish()
+    sft.train_and_publish(workspace, stage, recipe, params, inputs, SFT_MODEL.as_posix(),
+                          lambda checkpoints: train_grpo(workspace, recipe, start, out, params.model,
+                                                         checkpoints=checkpoints))
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:

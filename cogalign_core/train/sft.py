@@ -20,7 +20,7 @@ grad_norm), ``summary.json`` (counts and losses), ``provenance.json``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,23 @@ def train_sft(workspace: Path, recipe: Recipe, base_dir: Path, out_dir: Path, mo
     return summary
 
 
+def train_and_publish(workspace: Path, stage: str, recipe: Recipe, params: PipelineParams, inputs: list[str],
+                      start_model: str, train: Callable[[Checkpoints], dict[str, Any]]) -> None:
+    """What every training stage does around its trainer: open the checkpoints keyed by ``inputs`` and
+    the params used, ``train`` (returns the summary), then on process 0 only write the provenance and
+    the model cards (``start_model``: the workspace path training started from) and drop the checkpoints.
+    """
+    used = {"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")}
+    checkpoints = open_checkpoints(workspace, stage, inputs, used, recipe.train)
+    summary = train(checkpoints)
+    if not is_main_process():
+        return
+    out = workspace / contract.stage_dir(stage)
+    write_provenance(out, stage, workspace, inputs, params=used, extra={"steps": summary["steps"]})
+    model_card.write_training_cards(workspace, stage, recipe, params, start_model)
+    checkpoints.finish()
+
+
 def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
     method = ARM_METHODS[stage]
     recipe = stage_recipe(params.model.recipe, method, params.model)
@@ -182,14 +199,9 @@ def _run(workspace: Path, params: PipelineParams, stage: str) -> None:
         inputs.append(base_model.MODEL_DIR.as_posix())
     if recipe.sft.include_counterfactuals:
         inputs.append(data.split_table(data.COUNTERFACTUAL_DIR, "train"))
-    used = {"model": params.model.model_dump(mode="json"), "recipe": recipe.model_dump(mode="json")}
-    checkpoints = open_checkpoints(workspace, stage, inputs, used, recipe.train)
-    summary = train_sft(workspace, recipe, base_dir, out, params.model, checkpoints=checkpoints)
-    if not is_main_process():
-        return
-    write_provenance(out, stage, workspace, inputs, params=used, extra={"steps": summary["steps"]})
-    model_card.write_training_cards(workspace, stage, recipe, params, base_model.MODEL_DIR.as_posix())
-    checkpoints.finish()
+    train_and_publish(workspace, stage, recipe, params, inputs, base_model.MODEL_DIR.as_posix(),
+                      lambda checkpoints: train_sft(workspace, recipe, base_dir, out, params.model,
+                                                    checkpoints=checkpoints))
 
 
 def run_stage(workspace: Path, params: PipelineParams, item: str | None) -> None:
