@@ -76,27 +76,37 @@ def _pids_running(needle: str, ws: Path | None = None) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    """A running (or stopped) process; a zombie waiting to be reaped counts as ended."""
+def _state(pid: int) -> str | None:
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return None
 
 
 def _stop_when_started(needle: str, ws: Path) -> list[int]:
-    """SIGSTOP every process running ``needle`` in ``ws`` (a shell and its command alike); the pids
-    that are now stopped (empty while there is none yet)."""
-    stopped = []
+    """SIGSTOP every process running ``needle`` in ``ws`` (a shell and its command alike); every pid
+    signalled, once each is seen stopped (empty while there is none yet).
+
+    SIGSTOP is delivered asynchronously: a pid read back as still running right after the signal is
+    stopped a moment later, so it is waited for and returned too (else nobody would SIGCONT it)."""
+    signalled = []
     for pid in _pids_running(needle, ws):
         try:
             os.kill(pid, signal.SIGSTOP)
-            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (ProcessLookupError, OSError):
+        except ProcessLookupError:
             continue
-        if state in ("T", "t"):
-            stopped.append(pid)
-    return stopped
+        signalled.append(pid)
+    deadline = time.monotonic() + 10
+    while any(_state(pid) not in ("T", "t", None, "Z", "X") for pid in signalled):
+        if time.monotonic() > deadline:
+            pytest.fail(f"SIGSTOP not delivered within 10 s to {signalled}")
+        time.sleep(0.01)
+    return [pid for pid in signalled if _state(pid) in ("T", "t")]
+
+
+def _alive(pid: int) -> bool:
+    """A running (or stopped) process; a zombie waiting to be reaped counts as ended."""
+    return _state(pid) not in (None, "Z", "X")
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None):
@@ -214,7 +224,12 @@ def test_second_run_on_a_busy_workspace_refuses_or_waits(spine_workspace: Path, 
                                        env=cli_env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
-        assert waiting.wait(timeout=300) == 0, (tmp_path / "waited.log").read_text()
+        try:
+            assert waiting.wait(timeout=300) == 0, (tmp_path / "waited.log").read_text()
+        except subprocess.TimeoutExpired:
+            waiting.kill()
+            pytest.fail(f"--wait run still waiting after 300 s\n{(tmp_path / 'waited.log').read_text()[-2000:]}\n"
+                        f"first run:\n{log.read_text()[-3000:]}")
         # --wait returns only after the first run released the lock, and then finds everything done.
         assert first.wait(timeout=30) == 0, log.read_text()[-3000:]
         assert "up to date" in (tmp_path / "waited.log").read_text()
