@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cogalign_core import counterfactual, masks, tables
 from cogalign_core.config import PipelineParams
 from cogalign_core.executor import WORKERS_ENV
+from cogalign_core.io import PNG_COMPRESS_LEVEL
 from tests.mask_workspace import build_workspace
 
 
@@ -70,7 +71,7 @@ def main() -> None:
                     res = cv2.inpaint(img, fill.astype(np.uint8), cp.inpaint_radius, method)
                     calls += 1
                 done[kind] = res
-                Image.fromarray(res).save(out / f"{parent}-{kind}.png", compress_level=6)
+                Image.fromarray(res).save(out / f"{parent}-{kind}.png", compress_level=PNG_COMPRESS_LEVEL)
         bare = time.perf_counter() - t0
         summary = json.loads((ws / "data/counterfactual/summary.json").read_text())
         print(f"one process each; {len(fills)} parents, derived images: {len(rows)}, inpaint calls: {calls}; "

@@ -186,7 +186,7 @@ def normal_labels(parent: dict[str, str], parent_sources: dict[str, str]) -> tup
 
 def _png(array: np.ndarray) -> bytes:
     buf = BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=io.PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 

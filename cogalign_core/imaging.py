@@ -41,10 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
+from cogalign_core.io import PNG_COMPRESS_LEVEL
+
 # Truncated files must fail loudly, never be padded with grey (PIL's opt-in behaviour).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-PNG_COMPRESS_LEVEL = 1
 
 # Keys PIL puts in ``Image.info`` that describe the encoding, not the patient or the device.
 STRUCTURAL_INFO_KEYS = frozenset({

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".cogalign-tmp-"
+# PNGs the pipeline encodes itself (converted raw images, counterfactuals): zlib level 1 encodes ~3x
+# faster than PIL's default 6 for files ~10 % larger; the pixels are the same either way.
+PNG_COMPRESS_LEVEL = 1
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _OWNED_TEMP = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-([0-9a-f]{8})-")
 
