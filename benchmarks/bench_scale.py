@@ -79,6 +79,7 @@ def synthetic_batches(root: Path, n: int, batches: int, seed: int = 0) -> list[s
             "mask_path": [None] * (hi - lo), "mask_sha256": [None] * (hi - lo),
             "mask_binarise_threshold": [None] * (hi - lo), "mask_area_fraction": [None] * (hi - lo),
             "boxes": boxes.slice(lo, hi - lo), "kvasir_sessile": [None] * (hi - lo),
+            "labels": pa.nulls(hi - lo, tables.SAMPLES.field("labels").type),  # no labels given at ingest
         }
         table = pa.table({f.name: pa.array(cols[f.name]) if not isinstance(cols[f.name], pa.Array)
                           else cols[f.name] for f in tables.SAMPLES})
