@@ -46,7 +46,6 @@ from cogalign_core.io import PNG_COMPRESS_LEVEL
 # Truncated files must fail loudly, never be padded with grey (PIL's opt-in behaviour).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-
 # Keys PIL puts in ``Image.info`` that describe the encoding, not the patient or the device.
 STRUCTURAL_INFO_KEYS = frozenset({
     "jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "progressive", "progression",
